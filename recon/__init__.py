@@ -1,0 +1,1 @@
+"""dipcohort's science: forward operators, DIP networks, solvers and metrics, usable alone."""

@@ -1,0 +1,96 @@
+"""A reconstruction problem: operator, measurements, network input choices, reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from recon.operators.base import LinearOperator, Operator
+
+TASKS = ("denoise", "inpaint", "deblur", "sr", "mri", "ct")
+
+
+@dataclass
+class Problem:
+    """Everything a solver needs to reconstruct one scan.
+
+    Images are network-format (1, C, H, W) float32; MRI uses C=2 (real, imag).
+    `ground_truth` is optional (measured data without reference). PSNR/SSIM are computed on
+    `display(x)` (magnitude for MRI) against `display(ground_truth)` with `data_range`.
+    """
+
+    task: str
+    operator: Operator
+    measurements: torch.Tensor
+    ground_truth: torch.Tensor | None = None
+    data_range: float = 1.0
+    # filtered back-projection or other modality-specific initial estimate (CT: FBP)
+    fbp: Callable[[torch.Tensor], torch.Tensor] | None = None
+    noise_sigma: float | None = None  # measurement noise std on the image scale, if known
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.operator.domain_shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.operator.domain_shape)
+
+    @property
+    def is_complex(self) -> bool:
+        return self.task == "mri"
+
+    def to(self, device: torch.device | str) -> "Problem":
+        dev = torch.device(device)
+        gt = None if self.ground_truth is None else self.ground_truth.to(dev)
+        return replace(self, operator=self.operator.to(dev), measurements=self.measurements.to(dev),
+                       ground_truth=gt)
+
+    def display(self, x: torch.Tensor) -> torch.Tensor:
+        """The image people look at and metrics use: magnitude for MRI, x itself otherwise."""
+        if self.is_complex:
+            return torch.sqrt(x[:, 0:1] ** 2 + x[:, 1:2] ** 2)
+        return x
+
+    def data_fidelity(self, x: torch.Tensor) -> torch.Tensor:
+        """1/2 ||A x - y||_2^2 (eq. 3 of the DIP-for-CT chapter)."""
+        r = self.operator(x) - self.measurements
+        if r.is_complex():
+            return 0.5 * torch.sum(r.real ** 2 + r.imag ** 2)
+        return 0.5 * torch.sum(r ** 2)
+
+    @torch.no_grad()
+    def adjoint_image(self) -> torch.Tensor:
+        """A^H y; for non-linear operators, the measurements themselves when shapes match."""
+        if isinstance(self.operator, LinearOperator):
+            return self.operator.adjoint(self.measurements)
+        if tuple(self.measurements.shape) == self.image_shape:
+            return self.measurements.clone()
+        raise ValueError(f"task {self.task!r}: no adjoint for a non-linear operator with "
+                         f"measurements of shape {tuple(self.measurements.shape)}")
+
+    @torch.no_grad()
+    def measurement_image(self) -> torch.Tensor:
+        """y itself when it is an image of the right shape (denoise, inpaint, deblur), else A^H y."""
+        if tuple(self.measurements.shape) == self.image_shape and not self.measurements.is_complex():
+            return self.measurements.clone()
+        return self.adjoint_image()
+
+    @torch.no_grad()
+    def fbp_image(self) -> torch.Tensor:
+        if self.fbp is None:
+            raise ValueError(f"task {self.task!r} has no filtered back-projection; use 'adjoint'")
+        return self.fbp(self.measurements)
+
+    @torch.no_grad()
+    def initial_image(self, kind: str) -> torch.Tensor:
+        """Image-shaped network input: 'adjoint' (A^H y), 'fbp' (CT) or 'measurements' (y)."""
+        if kind == "adjoint":
+            return self.adjoint_image()
+        if kind == "fbp":
+            return self.fbp_image()
+        if kind == "measurements":
+            return self.measurement_image()
+        raise ValueError(f"unknown input kind {kind!r}; expected 'adjoint', 'fbp' or 'measurements'")

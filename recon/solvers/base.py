@@ -1,0 +1,220 @@
+"""Solver contract: a params dataclass, one `step` per optimiser update, resumable state.
+
+The shared loop (`recon.solvers.loop`) owns stepping, metrics, moving variance, early
+stopping, EMA and checkpoints; a solver owns its loss and its extra updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from recon.problem import Problem
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: the current iterate (detached) and its loss terms (0-d tensors).
+
+    `terms` must contain 'loss' (the total that was minimised) and each of its terms, e.g.
+    'data' and 'reg' / 'autoencoding' / 'tv', so a test can check the regulariser is in the loss.
+    """
+
+    image: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+@dataclass
+class SolverParams:
+    """Options the shared loop reads from every solver's params.
+
+    Defaults: window 100 and patience 1000 are ES-WMV's (Wang et al. 2021, Alg. 2 of the CT
+    chapter); ES is off except in `es-dip`; EMA off unless a method uses it.
+    """
+
+    ema_decay: float = 0.0
+    early_stop: bool = False
+    variance_window: int = 100
+    patience: int = 1000
+    es_delta: float = 1.0
+
+
+@dataclass
+class NetworkParams(SolverParams):
+    """Options shared by every network solver.
+
+    network: preset of `recon.nets` (the DIP skip network of Ulyanov et al. 2018 by default).
+    input: 'noise' (Ulyanov et al.: 32 channels of U(0, 1/10)), 'adjoint' (A^H y), 'fbp' (CT)
+    or 'measurements' (y, for restoration).
+    jitter: std of Gaussian input perturbation per step (Ulyanov et al. use 1/30 for some tasks; off here).
+    init_weights: warm start from a state_dict file (`torch.load(weights_only=True)`).
+    """
+
+    network: str = "skip"
+    lr: float = 1e-2  # Ulyanov et al. 2018 (Adam, lr 0.01)
+    input: str = "noise"
+    input_channels: int = 32
+    input_noise_scale: float = 0.1
+    jitter: float = 0.0
+    init_weights: str | None = None
+
+
+def make_params(cls: type, values: dict[str, Any] | None, where: str = "params") -> Any:
+    """Build a params dataclass from a mapping, with errors naming the field and expected type."""
+    aliases = getattr(cls, "ALIASES", {})
+    values = {aliases.get(k, k): v for k, v in (values or {}).items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in values.items():
+        out[name] = _coerce(value, hints[name], f"{where}.{name}")
+    return cls(**out)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+class Solver:
+    """Base of every solver. Subclasses set `name`, `Params` and implement `step`."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = SolverParams
+    uses_network: ClassVar[bool] = False
+    # names of the loss terms `step` reports besides 'loss' (the store creates a column for each)
+    terms: ClassVar[tuple[str, ...]] = ("data",)
+    # default budget when the caller gives none (classical one-shot methods use 1)
+    default_steps: ClassVar[int] = 1
+
+    def __init__(self, problem: Problem, params: Any, seed: int, device: torch.device):
+        self.problem = problem
+        self.params = params
+        self.seed = seed
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.last_image: torch.Tensor | None = None
+
+    def step(self, k: int) -> StepOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def final_image(self) -> torch.Tensor:
+        """The image the method returns at the end (default: the last iterate)."""
+        assert self.last_image is not None, "final_image() before any step"
+        return self.last_image
+
+    # --- resumable state: tensors, numbers, dicts and lists only (weights_only checkpoints) ---
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "last_image": self.last_image,
+                "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+        self.last_image = state["last_image"]
+        self.load_extra_state(state["extra"])
+
+
+class NetworkSolver(Solver):
+    """A solver that fits a network f_theta(z) with Adam, one update per step."""
+
+    Params: ClassVar[type] = NetworkParams
+    uses_network: ClassVar[bool] = True
+    default_steps: ClassVar[int] = 4000  # NK = 4000 in the aSeqDIP paper, Sec. 4 and App. C.5
+
+    def __init__(self, problem: Problem, params: NetworkParams, seed: int, device: torch.device):
+        super().__init__(problem, params, seed, device)
+        from recon.nets import build_network
+
+        self.z = self.initial_input()
+        torch.manual_seed(seed)  # network weights are fixed by the seed
+        self.net = build_network(params.network, self.z.shape[1], problem.channels).to(device)
+        if params.init_weights:
+            self.load_weights(params.init_weights)
+        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=params.lr)
+
+    def initial_input(self) -> torch.Tensor:
+        p = self.params
+        if p.input == "noise":
+            shape = (1, p.input_channels, *self.problem.image_shape[2:])
+            z = torch.rand(shape, generator=self.generator, device=self.device)
+            return z * p.input_noise_scale
+        return self.problem.initial_image(p.input).to(self.device).float()
+
+    def load_weights(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"init_weights: no such file {path}")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"init_weights {path}: does not fit network {self.params.network!r}: {err}") from err
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.net.parameters())
+
+    def network_input(self) -> torch.Tensor:
+        """z, perturbed by Gaussian jitter of std `jitter` when set."""
+        if self.params.jitter > 0:
+            noise = torch.randn(self.z.shape, generator=self.generator, device=self.device)
+            return self.z + self.params.jitter * noise
+        return self.z
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def final_image(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.net(self.z).detach()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(), z=self.z)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            if isinstance(self.z, torch.nn.Parameter):
+                self.z.copy_(state["z"])
+            else:
+                self.z = state["z"].to(self.device)

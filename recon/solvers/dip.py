@@ -1,0 +1,26 @@
+"""Vanilla DIP (Ulyanov et al. 2018; Alg. 1 of the DIP-for-CT chapter)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recon.solvers import register
+from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+
+
+@dataclass
+class DIPParams(NetworkParams):
+    """Defaults of NetworkParams: skip network, Adam lr 0.01, 32-channel U(0, 0.1) input (Ulyanov et al.)."""
+
+
+@register
+class DIP(NetworkSolver):
+    """min_theta 1/2 ||A f_theta(z) - y||^2 with a fixed input z (optionally jittered, EMA'd)."""
+
+    name = "dip"
+    Params = DIPParams
+
+    def step(self, k: int) -> StepOutput:
+        x = self.net(self.network_input())
+        data = self.problem.data_fidelity(x)
+        self.update(data)
+        return StepOutput(x.detach(), {"loss": data.detach(), "data": data.detach()})

@@ -1,0 +1,233 @@
+"""The one optimisation loop every solver runs in.
+
+It owns stepping, per-step metrics (loss terms, PSNR every step, SSIM every k steps, moving
+variance), the oracle peak, ES-WMV early stopping, output EMA, divergence detection and
+checkpoints that make a run resumable with identical numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from recon.early_stopping import EarlyStopper, MovingVariance
+from recon.metrics import psnr, ssim
+from recon.solvers.base import Solver
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    ssim_every: int = 10          # SSIM is ~10x the cost of PSNR; every 10th step by default
+    checkpoint_path: Path | None = None
+    checkpoint_every: int = 0     # 0: never
+    progress: ProgressFn | None = None
+    progress_every: int = 10
+
+
+@dataclass
+class SolverResult:
+    """Everything a run produced. Images are network-format (1, C, H, W) on the CPU."""
+
+    image: torch.Tensor
+    history: dict[str, np.ndarray]
+    steps_run: int
+    runtime_s: float
+    diverged: bool = False
+    stopped_early: bool = False
+    final_psnr: float = math.nan
+    final_ssim: float = math.nan
+    peak_psnr: float = math.nan      # oracle: needs the ground truth
+    peak_step: int = -1
+    peak_image: torch.Tensor | None = None
+    es_step: int = -1                # ES-WMV selected step (minimum moving variance)
+    es_psnr: float = math.nan
+    es_ssim: float = math.nan
+    es_image: torch.Tensor | None = None
+    ema_image: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "peak_psnr": self.peak_psnr, "peak_step": self.peak_step,
+            "final_psnr": self.final_psnr, "final_ssim": self.final_ssim,
+            "es_step": self.es_step, "es_psnr": self.es_psnr, "es_ssim": self.es_ssim,
+            "steps": self.steps_run, "runtime_s": self.runtime_s,
+            "steps_per_s": self.steps_run / self.runtime_s if self.runtime_s > 0 else math.nan,
+            "diverged": self.diverged, "stopped_early": self.stopped_early,
+        }
+
+
+class _History:
+    """Per-step scalars in preallocated float64 columns (NaN where not computed)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.columns: dict[str, np.ndarray] = {}
+
+    def record(self, k: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            col = self.columns.get(name)
+            if col is None:
+                col = self.columns[name] = np.full(self.steps, np.nan)
+            col[k] = value
+
+    def trimmed(self, n: int) -> dict[str, np.ndarray]:
+        return {name: col[:n].copy() for name, col in self.columns.items()}
+
+    def state_dict(self, n: int) -> dict:
+        return {name: torch.from_numpy(col[:n].copy()) for name, col in self.columns.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, values in state.items():
+            col = self.columns[name] = np.full(self.steps, np.nan)
+            col[: len(values)] = values.numpy()
+
+
+class Loop:
+    def __init__(self, solver: Solver, settings: LoopSettings):
+        self.solver = solver
+        self.s = settings
+        self.problem = solver.problem
+        p = solver.params
+        self.reference = None
+        if self.problem.ground_truth is not None:
+            self.reference = self.problem.display(self.problem.ground_truth.to(solver.device))
+        self.history = _History(settings.steps)
+        self.variance = MovingVariance(p.variance_window) if solver.uses_network else None
+        self.stopper = EarlyStopper(p.patience, p.es_delta)
+        self.ema: torch.Tensor | None = None
+        self.peak_psnr, self.peak_step, self.peak_image = -math.inf, -1, None
+        self.es_image: torch.Tensor | None = None
+        self.start = 0
+        self.elapsed = 0.0
+
+    # ---- metrics ---------------------------------------------------------------------------
+    def _metrics(self, k: int, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        shown = self.problem.display(image)
+        if self.reference is not None:
+            dr = self.problem.data_range
+            out["psnr"] = psnr(shown, self.reference, dr)
+            every = self.s.ssim_every
+            if every > 0 and (k % every == 0 or k == self.s.steps - 1):
+                out["ssim"] = ssim(shown, self.reference, dr)
+        if self.variance is not None:
+            var = self.variance.update(shown)
+            if var is not None:
+                out["movvar"] = var
+        return out
+
+    def _ema(self, image: torch.Tensor) -> None:
+        decay = self.solver.params.ema_decay
+        if decay > 0:
+            self.ema = image.clone() if self.ema is None else decay * self.ema + (1 - decay) * image
+
+    # ---- run -------------------------------------------------------------------------------
+    def run(self) -> SolverResult:
+        self._maybe_resume()
+        diverged = stopped = False
+        k = self.start - 1
+        t0 = time.perf_counter()
+        for k in range(self.start, self.s.steps):
+            out = self.solver.step(k)
+            self.solver.last_image = out.image
+            tensors = {**out.terms, **self._metrics(k, out.image)}
+            self._ema(out.image)
+            names = list(tensors)
+            values = dict(zip(names, torch.stack([t.detach().double().reshape(()) for t in tensors.values()]).tolist()))
+            self.history.record(k, values)
+            if not math.isfinite(values["loss"]):
+                diverged = True
+                break
+            self._track(k, out.image, values)
+            if self.solver.params.early_stop and self.stopper.should_stop(k):
+                stopped = True
+                break
+            if self.s.progress and (k % self.s.progress_every == 0 or k == self.s.steps - 1):
+                self.s.progress(k + 1, self.s.steps, values)
+            if self.s.checkpoint_path and self.s.checkpoint_every and (k + 1) % self.s.checkpoint_every == 0 \
+                    and k + 1 < self.s.steps:
+                self.elapsed_now = self.elapsed + time.perf_counter() - t0
+                self._save_checkpoint(k + 1)
+        if self.solver.device.type == "cuda":
+            torch.cuda.synchronize(self.solver.device)
+        runtime = self.elapsed + time.perf_counter() - t0
+        return self._result(k + 1, runtime, diverged, stopped)
+
+    def _track(self, k: int, image: torch.Tensor, values: dict[str, float]) -> None:
+        if "psnr" in values and values["psnr"] > self.peak_psnr:
+            self.peak_psnr, self.peak_step, self.peak_image = values["psnr"], k, image.clone()
+        if "movvar" in values and self.stopper.update(k, values["movvar"]):
+            self.es_image = image.clone()
+
+    def _result(self, steps_run: int, runtime: float, diverged: bool, stopped: bool) -> SolverResult:
+        solver = self.solver
+        if stopped and self.es_image is not None:
+            image = self.es_image  # ES-DIP returns the selected iterate (Alg. 2)
+        elif diverged or steps_run == 0:
+            image = solver.last_image if solver.last_image is not None else solver.problem.adjoint_image()
+        else:
+            image = solver.final_image()
+        cpu = lambda t: None if t is None else t.detach().float().cpu()  # noqa: E731
+        res = SolverResult(image=cpu(image), history=self.history.trimmed(steps_run), steps_run=steps_run,
+                           runtime_s=runtime, diverged=diverged, stopped_early=stopped,
+                           peak_image=cpu(self.peak_image), es_image=cpu(self.es_image), ema_image=cpu(self.ema))
+        if self.peak_step >= 0:
+            res.peak_psnr, res.peak_step = float(self.peak_psnr), self.peak_step
+        if self.reference is not None and not diverged:
+            res.final_psnr, res.final_ssim = self._quality(image)
+        if self.stopper.best_step is not None:
+            res.es_step = int(self.stopper.best_step)
+            if self.reference is not None and self.es_image is not None:
+                res.es_psnr, res.es_ssim = self._quality(self.es_image)
+        return res
+
+    def _quality(self, image: torch.Tensor) -> tuple[float, float]:
+        shown = self.problem.display(image.to(self.reference.device))
+        dr = self.problem.data_range
+        return float(psnr(shown, self.reference, dr)), float(ssim(shown, self.reference, dr))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save_checkpoint(self, next_step: int) -> None:
+        state = {
+            "next_step": next_step,
+            "elapsed": self.elapsed_now,
+            "solver": self.solver.state_dict(),
+            "history": self.history.state_dict(next_step),
+            "variance": self.variance.state_dict() if self.variance is not None else None,
+            "stopper": self.stopper.state_dict(),
+            "ema": self.ema, "es_image": self.es_image,
+            "peak": {"psnr": self.peak_psnr, "step": self.peak_step, "image": self.peak_image},
+            "torch_rng": torch.get_rng_state(),
+        }
+        path = Path(self.s.checkpoint_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-save never leaves a torn checkpoint
+
+    def _maybe_resume(self) -> None:
+        path = self.s.checkpoint_path
+        if not path or not Path(path).is_file():
+            return
+        state = torch.load(path, map_location=self.solver.device, weights_only=True)
+        self.solver.load_state_dict(state["solver"])
+        self.history.load_state_dict(state["history"])
+        if self.variance is not None and state["variance"] is not None:
+            self.variance.load_state_dict(state["variance"])
+        self.stopper.load_state_dict(state["stopper"])
+        self.ema, self.es_image = state["ema"], state["es_image"]
+        peak = state["peak"]
+        self.peak_psnr, self.peak_step, self.peak_image = float(peak["psnr"]), int(peak["step"]), peak["image"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.start = int(state["next_step"])
+        self.elapsed = float(state["elapsed"])
