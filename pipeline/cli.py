@@ -41,4 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m pipeline.cli`: run the imported module's main so that commands' UsageError
+    # (pipeline.cli.UsageError) is the class caught here, not a copy in __main__
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

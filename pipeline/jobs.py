@@ -44,7 +44,8 @@ class ScanSpec:
     with `task_params` (deterministic per job seed).
     kind 'measured': `source` holds the measurements (fastMRI k-space, CT sinogram .npy) and
     `reference` an optional ground-truth image for metrics.
-    `size` (pixels, square) resizes natural images before simulation; None keeps the native size.
+    `size` (pixels, square) resizes images before simulation; None keeps the native size.
+    `color` keeps RGB for natural-image tasks (the aSeqDIP paper denoises colour CBSD68); gray otherwise.
     Paths are absolute (the manifest resolves them against its own directory).
     """
 
@@ -55,6 +56,7 @@ class ScanSpec:
     kind: str = "simulate"
     reference: str | None = None
     size: int | None = None
+    color: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

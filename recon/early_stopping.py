@@ -67,7 +67,8 @@ class EarlyStopper:
         return False
 
     def should_stop(self, step: int) -> bool:
-        return self.best_step is not None and step > self.best_step + self.patience
+        """After update(step): True when Alg. 2's loop (while k <= k_min + p) would not run step + 1."""
+        return self.best_step is not None and step >= self.best_step + self.patience
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step}

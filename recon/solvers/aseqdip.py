@@ -27,7 +27,7 @@ class ASeqDIPParams(NetworkParams):
     inner_steps: int = 2      # N = 2 (K = steps / N = 2000 at 4000 steps): App. C.5
     lr: float = 1e-4          # Adam, beta = 1e-4: aSeqDIP paper Sec. 4 "Setup"
     network: str = "unet"     # the U-Net of the paper (Sec. 3.2)
-    input: str = "auto"       # z0 = y for restoration, A^H y for MRI/CT (Sec. 3.2)
+    input: str = "auto"       # z0 = y for restoration, A^H y for MRI (Sec. 3.2), FBP for CT (see initial_input)
 
 
 @register
@@ -38,8 +38,8 @@ class ASeqDIP(NetworkSolver):
 
     def initial_input(self) -> torch.Tensor:
         kind = self.params.input
-        if kind == "auto":
-            kind = "adjoint" if self.problem.task in ("mri", "ct") else "measurements"
+        if kind == "auto":  # CT: FBP, the adjoint on the image's scale (our A^T is unnormalised)
+            kind = {"mri": "adjoint", "ct": "fbp"}.get(self.problem.task, "measurements")
         if kind == "noise":
             raise ValueError("aseqdip: input must be image-shaped ('auto', 'adjoint', 'fbp' or 'measurements')")
         return self.problem.initial_image(kind).to(self.device).float()

@@ -179,7 +179,13 @@ class NetworkSolver(Solver):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"init_weights: no such file {path}")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # not a torch.save file, or one holding more than tensors
+            raise ValueError(f"init_weights {path}: not a network state_dict saved by torch.save: {err}") from err
+        if not isinstance(state, dict):
+            raise ValueError(f"init_weights {path}: expected a state_dict (a mapping of tensors), "
+                             f"got {type(state).__name__}")
         try:
             self.net.load_state_dict(state)
         except RuntimeError as err:

@@ -102,6 +102,7 @@ class Loop:
         if self.problem.ground_truth is not None:
             self.reference = self.problem.display(self.problem.ground_truth.to(solver.device))
         self.history = _History(settings.steps)
+        solver.total_steps = settings.steps  # the budget, for solvers with schedules over it (HQS)
         self.variance = MovingVariance(p.variance_window) if solver.uses_network else None
         self.stopper = EarlyStopper(p.patience, p.es_delta)
         self.ema: torch.Tensor | None = None
@@ -171,8 +172,8 @@ class Loop:
 
     def _result(self, steps_run: int, runtime: float, diverged: bool, stopped: bool) -> SolverResult:
         solver = self.solver
-        if stopped and self.es_image is not None:
-            image = self.es_image  # ES-DIP returns the selected iterate (Alg. 2)
+        if (stopped or solver.params.early_stop) and self.es_image is not None:
+            image = self.es_image  # ES-DIP returns the selected iterate (Alg. 2), also at the budget
         elif diverged or steps_run == 0:
             image = solver.last_image if solver.last_image is not None else solver.problem.adjoint_image()
         else:

@@ -1,0 +1,165 @@
+"""Scaling of the scheduler backends: a cohort of small CPU jobs on 1 and 2 workers per backend.
+
+    python benchmarks/pipeline_scaling.py [--jobs 8] [--job-seconds 10] [--backends local,ray,slurm]
+
+For each backend and worker count it creates a fresh store, runs every job and prints:
+  wall         seconds from the backend's first dispatch to the last recorded job
+  solver/job   the solver's own time per job (summary runtime_s: the optimisation loop)
+  worker/job   per job, the worker's time beyond the solver (scan load, problem, store writes)
+  orch/job     per job, the time beyond the solver: (workers * wall - sum of solver time) / jobs
+               (worker time above plus process start, imports, dispatch, queueing)
+  speedup, efficiency = wall(1 worker) / wall(2 workers), speedup / 2
+Goals (issue 4): efficiency >= 0.9 at 2 workers for jobs of >= 10 s; orchestration overhead under
+0.5 s per job for local and Ray; stated for Slurm. Every job runs with 1 torch thread on 1 CPU.
+Workers: local = pool processes (1 = in-process sequential); ray = CPUs of a fresh local cluster;
+slurm = array parallelism on the cluster's default partition (scripts/slurm-local.sh up).
+On a machine shared with other work the figures include their contention: the load average is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.progress import Progress  # noqa: E402
+
+SCANS = {"cam": "skimage:camera", "moon": "skimage:moon", "coins": "skimage:coins", "astro": "skimage:astronaut"}
+
+
+def write_manifest(path: Path, steps: int, n_jobs: int) -> Path:
+    scans = list(SCANS.items())[: min(4, n_jobs)]
+    seeds = list(range(-(-n_jobs // len(scans))))
+    lines = ["cohort: scaling", f"steps: {steps}", f"seeds: {seeds}", "size: 32", "metrics: {ssim_every: 10}",
+             "resources: {gpus: 0, cpus: 1, mem_gb: 1, time_min: 30}", "scans:"]
+    lines += [f'  - {{id: {i}, source: "{s}", task: denoise, params: {{sigma: 25}}}}' for i, s in scans]
+    lines += ["solvers:", "  - {name: dip, params: {network: tiny}}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_store(manifest_path: Path, out: Path, n_jobs: int):
+    from pipeline import store as st
+    from pipeline.manifest import load_manifest
+    from pipeline.worker import probe_shapes
+
+    m = load_manifest(manifest_path)
+    jobs, groups = st.assign_image_groups(m.jobs[:n_jobs], probe_shapes(m.scans, threads=1))
+    st.create_store(out, jobs, groups, cohort=m.cohort, manifest_text=m.text, manifest_path=m.path,
+                    metric_names=st.metric_names_for(c.solver for c in m.configs))
+    return jobs
+
+
+def seconds_per_step() -> float:
+    """Time one 32 px 'tiny' DIP step on 1 thread (after warm-up)."""
+    import torch
+
+    from pipeline.io import load_scan
+    from recon.simulate import simulate
+    from recon.solvers import run_solver
+
+    torch.set_num_threads(1)
+    problem = simulate("denoise", load_scan("skimage:camera", size=32, grayscale=True).image, {"sigma": 25}, 0)
+    run_solver("dip", problem, steps=10, params={"network": "tiny"}, device="cpu")
+    result = run_solver("dip", problem, steps=60, params={"network": "tiny"}, device="cpu")
+    return result.runtime_s / 60
+
+
+def backend_for(name: str, workers: int):
+    from schedulers import get_backend
+
+    if name == "local":
+        return get_backend("local", device="cpu", workers=workers, threads=1)
+    if name == "ray":
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        return get_backend("ray", device="cpu", cpus_per_job=1)
+    return get_backend("slurm", device="cpu", cpus_per_job=1, array_parallelism=workers, poll_s=0.5)
+
+
+def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) -> dict:
+    import torch
+    import zarr
+
+    out = base / f"{name}-{workers}.zarr"
+    jobs = make_store(manifest, out, n_jobs)
+    backend = backend_for(name, workers)
+    torch.set_num_threads(1)  # the in-process sequential path runs with 1 thread like the others
+    t0 = time.perf_counter()
+    backend.run(jobs, out, Progress())
+    wall = time.perf_counter() - t0
+    if name == "ray":
+        import ray
+
+        ray.shutdown()
+    root = zarr.open_group(str(out), mode="r")
+    fields = list(root["summary"]["values"].attrs["summary_fields"])
+    solver = root["summary/values"][:, fields.index("runtime_s")]
+    ledger = root["jobs/runtime_s"][:]
+    status = root["jobs/status"][:]
+    if not (status == 2).all():
+        raise SystemExit(f"{name} with {workers} worker(s): not every job finished ({status.tolist()}); see {out}")
+    return {"backend": name, "workers": workers, "wall": wall, "solver": float(np.mean(solver)),
+            "worker": float(np.mean(ledger - solver)),
+            "orch": float((workers * wall - solver.sum()) / len(jobs))}
+
+
+def slurm_ready() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%a %t"], capture_output=True, text=True)
+    return out.returncode == 0 and any(line.startswith("up ") for line in out.stdout.splitlines())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=8, help="jobs in the cohort (default 8)")
+    ap.add_argument("--job-seconds", type=float, default=10.0, help="target solver time per job (default 10 s)")
+    ap.add_argument("--backends", default="local,ray,slurm")
+    args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by pool processes, Ray workers and Slurm tasks
+
+    per_step = seconds_per_step()
+    steps = max(20, int(args.job_seconds / per_step))
+    print(f"{args.jobs} jobs of {steps} steps (32 px denoising, 'tiny' DIP; {per_step * 1e3:.1f} ms/step "
+          f"measured => ~{steps * per_step:.1f} s of solver time per job); {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pipeline-scaling-") as tmp:
+        base = Path(tmp)
+        manifest = write_manifest(base / "scaling.yaml", steps, args.jobs)
+        for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            if name == "slurm" and not slurm_ready():
+                print("slurm: skipped (no Slurm partition up; scripts/slurm-local.sh up)")
+                continue
+            for workers in (1, 2):
+                row = measure(name, workers, manifest, args.jobs, base)
+                rows.append(row)
+                print(f"  {name} x{workers}: {row['wall']:.1f} s", flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
+    head = f"{'backend':8} {'workers':>7} {'wall s':>8} {'solver/job':>10} {'worker/job':>10} {'orch/job':>9} " \
+           f"{'speedup':>8} {'effic.':>7}"
+    print(head)
+    print("-" * len(head))
+    one = {r["backend"]: r["wall"] for r in rows if r["workers"] == 1}
+    for r in rows:
+        speed = one[r["backend"]] / r["wall"]
+        print(f"{r['backend']:8} {r['workers']:>7} {r['wall']:>8.1f} {r['solver']:>10.2f} {r['worker']:>10.2f} "
+              f"{r['orch']:>9.2f} {speed:>8.2f} {speed / r['workers']:>7.2f}")
+    print("\ngoals: efficiency >= 0.9 at 2 workers (jobs >= 10 s); orch/job < 0.5 s for local and ray; "
+          "slurm: stated above")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""`dipcohort aggregate STORE`: cohort statistics and a compact copy, into the store's `aggregate` group."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline.cli import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("aggregate", help="per task × solver statistics of a results store (Dask)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("store", help="results store written by `dipcohort run`")
+    p.add_argument("--workers", type=int, default=None, help="Dask workers (default: all CPUs)")
+    p.add_argument("--scheduler", choices=("threads", "processes", "synchronous"), default=None,
+                   help="Dask scheduler (default: processes from 2,000 jobs on, threads below)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.aggregate import aggregate
+    from pipeline.report import print_table, table_rows, wide_console
+    from pipeline.store import StoreError
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    t0 = time.perf_counter()
+    try:
+        ds = aggregate(args.store, workers=args.workers, scheduler=args.scheduler)
+    except StoreError as err:
+        raise UsageError(str(err)) from None
+    counted = int(ds.n_done.sum() + ds.n_diverged.sum())
+    print(f"wrote {args.store}/aggregate in {time.perf_counter() - t0:.1f} s: statistics of {counted} of "
+          f"{int(ds.n_jobs.sum())} jobs (done and diverged) in {ds.sizes['group']} task × solver groups over "
+          f"{ds.sizes['step']} steps, and a compact copy of the per-job data")
+    unfinished = int(ds.n_unfinished.sum())
+    if unfinished:
+        print(f"note: {unfinished} jobs are pending or running; aggregate again when they finish")
+    print_table(table_rows(ds), wide_console(), columns=("Task", "Solver", "Jobs", "Final PSNR", "Final SSIM", "Onset step"))
+    return 0

@@ -1,0 +1,252 @@
+"""`dipcohort run MANIFEST --out STORE`: validate, create or reopen the store, run what is left.
+
+An invalid manifest exits with code 2 and writes nothing. An existing store made from the
+same manifest is resumed (done and diverged jobs are skipped; failed ones only rerun with
+--retry-failed). --dry-run prints the job count, resources and a storage estimate and writes
+nothing. Backend-specific flags come from each `schedulers.<backend>` module's optional
+`add_arguments(parser)` / `options_from_args(args)`, plus generic `--option KEY=VALUE`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cli import UsageError
+from pipeline.jobs import STATUS_CODES, Job
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run a cohort manifest into a Zarr results store",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("manifest", help="cohort manifest (YAML), e.g. manifests/demo.yaml")
+    p.add_argument("--out", required=True, help="results store (a directory, e.g. results/demo.zarr)")
+    p.add_argument("--backend", default="local", choices=_backends(), help="where jobs run (default: local)")
+    p.add_argument("--workers", type=int, default=1, help="jobs at once (local: processes; default 1)")
+    p.add_argument("--resume", action="store_true", help="require an existing store and continue it")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun jobs whose status is failed")
+    p.add_argument("--dry-run", action="store_true", help="print jobs, resources and storage estimate; write nothing")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: CUDA when available)")
+    p.add_argument("--progress", default="auto", choices=("auto", "rich", "plain", "quiet"),
+                   help="progress display (auto: a bar on a terminal, one line per job otherwise)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option passed through (repeatable), e.g. -o max_in_flight=64")
+    for name in _backends():  # backend-specific flags live with their backend
+        module = _backend_module(name)
+        if module is not None and hasattr(module, "add_arguments"):
+            module.add_arguments(p.add_argument_group(f"{name} backend"))
+    p.set_defaults(func=main)
+
+
+def _backends() -> tuple[str, ...]:
+    from schedulers import BACKENDS
+
+    return BACKENDS
+
+
+def _backend_module(name: str):
+    try:
+        return importlib.import_module(f"schedulers.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"schedulers.{name}":
+            return None
+        raise
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options for `get_backend`: device, workers, the backend's own flags, then --option pairs."""
+    opts: dict[str, Any] = {"device": args.device, "workers": args.workers}
+    module = _backend_module(args.backend)
+    if module is None:
+        raise UsageError(f"--backend {args.backend}: not available in this installation")
+    if hasattr(module, "options_from_args"):
+        opts.update(module.options_from_args(args))
+    for pair in args.option:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {pair!r}: expected KEY=VALUE")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return opts
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.dry_run:
+        return dry_run(args.manifest, args.out)
+    counts = run_cohort(args.manifest, args.out, backend=args.backend, options=backend_options(args),
+                        resume=args.resume, retry_failed=args.retry_failed, progress=args.progress)
+    return 1 if counts.get("failed") else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def run_cohort(manifest_path: str | Path, out: str | Path, *, backend: str = "local",
+               options: dict[str, Any] | None = None, resume: bool = False, retry_failed: bool = False,
+               progress: str = "auto", stream=None) -> dict[str, int]:
+    """Run a manifest into `out`; returns counts per status over the whole store."""
+    from pipeline import store as st
+    from pipeline.manifest import load_manifest
+    from pipeline.progress import make_progress
+    from schedulers import get_backend
+
+    stream = stream or sys.stdout
+    manifest = load_manifest(manifest_path)  # ManifestError (exit 2) before anything is written
+    out = Path(out)
+    try:
+        backend_obj = get_backend(backend, **(options or {}))
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--backend {backend}: {err}") from None
+    if _is_store(out):
+        jobs = _reopen(out, manifest, st)
+        print(f"resuming {out} ({len(jobs)} jobs of cohort {manifest.cohort!r})", file=stream)
+    else:
+        if resume:
+            raise UsageError(f"--resume: {out} is not an existing results store")
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"--out {out}: exists and is not a results store; choose a new directory")
+        jobs = create_cohort_store(out, manifest, stream)
+    root = st.open_store(out)
+    todo = st.jobs_to_run(root, jobs, retry_failed=retry_failed)
+    print(f"{len(todo)} of {len(jobs)} jobs to run on backend {backend}", file=stream)
+    reporter = make_progress(progress)
+    t0 = time.monotonic()
+    reporter.start(len(todo))
+    try:
+        backend_obj.run(todo, out, reporter)
+    finally:
+        reporter.close()
+    counts = summarize(out, stream, elapsed=time.monotonic() - t0)
+    return counts
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _reopen(out: Path, manifest, st) -> list[Job]:
+    try:
+        root = st.open_store(out)
+        return st.match_jobs(root, manifest.jobs, out)
+    except st.StoreError as err:
+        raise UsageError(str(err)) from None
+
+
+def create_cohort_store(out: str | Path, manifest, stream=None) -> list[Job]:
+    """Probe shapes, create the store; jobs of scans that cannot be loaded are recorded failed.
+
+    Returns the manifest's jobs placed at their rows and image groups.
+    """
+    from pipeline import store as st
+
+    stream = stream or sys.stdout
+    shapes, errors = _probe(manifest, stream)
+    jobs = manifest.jobs
+    ok = [j for j in jobs if j.scan.id in shapes]
+    placed, groups = st.assign_image_groups(ok, shapes)
+    by_id = {j.job_id: j for j in placed}
+    jobs = [by_id.get(j.job_id, j) for j in jobs]  # unloadable scans keep image_group ''
+    st.create_store(out, jobs, groups, cohort=manifest.cohort, manifest_text=manifest.text,
+                    manifest_path=manifest.path, metric_names=st.metric_names_for(c.solver for c in manifest.configs))
+    if errors:
+        root = st.open_store(out, mode="r+")
+        for job in jobs:
+            if job.scan.id in errors:
+                root["jobs/error"][job.index] = f"scan could not be loaded when the store was created: {errors[job.scan.id]}"
+                root["jobs/status"][job.index] = STATUS_CODES["failed"]
+    return jobs
+
+
+def _probe(manifest, stream) -> tuple[dict, dict[str, str]]:
+    """Image shape per loadable scan, and the load error of each scan that is not."""
+    from pipeline.worker import probe_shapes
+
+    shapes, errors = {}, {}
+    try:
+        shapes = probe_shapes(manifest.scans)
+    except Exception:  # noqa: BLE001 - find the bad scans one by one, keep the good ones
+        for scan in manifest.scans:
+            try:
+                shapes.update(probe_shapes([scan], threads=1))
+            except Exception as err:  # noqa: BLE001
+                errors[scan.id] = f"{type(err).__name__}: {err}"
+    for scan_id, err in errors.items():
+        print(f"warning: scan {scan_id}: {err} (its jobs are recorded as failed)", file=stream)
+    return shapes, errors
+
+
+def summarize(out: str | Path, stream=None, elapsed: float | None = None) -> dict[str, int]:
+    from pipeline.store import ledger_table
+
+    stream = stream or sys.stdout
+    table = ledger_table(out)
+    counts = Counter(table["status"])
+    parts = ", ".join(f"{name} {counts[name]}" for name in STATUS_CODES if counts.get(name))
+    took = f" in {elapsed:.1f} s" if elapsed is not None else ""
+    print(f"{out}: {len(table)} jobs — {parts}{took}", file=stream)
+    if counts.get("failed"):
+        print(f"see `dipcohort status {out}` for the failed jobs and their logs", file=stream)
+    return dict(counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# dry run
+# ---------------------------------------------------------------------------------------------
+def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
+    """Print what a run would do; write nothing."""
+    from pipeline import store as st
+    from pipeline.manifest import load_manifest
+
+    stream = stream or sys.stdout
+    manifest = load_manifest(manifest_path)
+    jobs = manifest.jobs
+    out = Path(out)
+    print(f"cohort {manifest.cohort!r}: {len(manifest.scans)} scans × {len(manifest.configs)} solver "
+          f"configurations × seeds = {len(jobs)} jobs", file=stream)
+    if _is_store(out):
+        placed = _reopen(out, manifest, st)
+        todo = st.jobs_to_run(st.open_store(out), placed)
+        print(f"{out} exists: {len(todo)} of {len(jobs)} jobs still to run (failed ones only with --retry-failed)",
+              file=stream)
+    _print_resources(manifest, stream)
+    shapes, errors = _probe(manifest, stream)
+    ok = [j for j in jobs if j.scan.id in shapes]
+    if ok:
+        placed, groups = st.assign_image_groups(ok, shapes)
+        est = st.estimate(placed, groups, len(st.metric_names_for(c.solver for c in manifest.configs)))
+        print(f"image groups: {', '.join(f'{k} ({sum(j.image_group == k for j in placed)} jobs)' for k in groups)}",
+              file=stream)
+        print(f"storage estimate: {_bytes(est['bytes'])} uncompressed (upper bound), {est['files']} files "
+              f"({est['files_per_job']} per job)", file=stream)
+        print(f"work files: {st.work_dir(out)} (one log per job; checkpoints while jobs run)", file=stream)
+    print("dry run: nothing written", file=stream)
+    return 0
+
+
+def _print_resources(manifest, stream) -> None:
+    print("per-job resources (solver configuration: jobs, steps, GPUs, CPUs, memory, time limit):", file=stream)
+    per: Counter = Counter(j.config for j in manifest.jobs)
+    total_gpu_h = 0.0
+    for cfg in manifest.configs:
+        r = cfg.resources
+        n = per[cfg.config]
+        total_gpu_h += n * r.gpus * r.time_min / 60
+        print(f"  {cfg.label} [{cfg.config}]: {n} jobs, {cfg.steps} steps, gpus {r.gpus:g}, cpus {r.cpus}, "
+              f"mem {r.mem_gb:g} GB, time {r.time_min:g} min", file=stream)
+    if total_gpu_h:
+        print(f"  at most {total_gpu_h:.1f} GPU-hours (time limits × GPUs)", file=stream)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"

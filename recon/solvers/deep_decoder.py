@@ -1,0 +1,54 @@
+"""Deep Decoder (Heckel & Hand 2019; tutorial Sec. III-C1): an under-parameterised decoder fitted
+to the data, min_theta 1/2 ||A f_theta(z) - y||^2, from its own small fixed random input z of
+shape `net.input_shape(H, W)` drawn from U(0, 1) / 10 (Heckel & Hand)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from recon.nets import PRESETS, DeepDecoder as DeepDecoderNet
+from recon.solvers import register
+from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+
+
+@dataclass
+class DeepDecoderParams(NetworkParams):
+    network: str = "deep-decoder"   # 6 layers of 128 channels: tutorial Sec. III-C1
+    lr: float = 0.008               # Adam lr 0.008 for the Deep Decoder: tutorial Sec. IV (Fig. 6 setup)
+    input: str = "noise"            # its own fixed random input (the only input it takes)
+    input_noise_scale: float = 0.1  # z ~ U(0, 1) scaled by 1/10: Heckel & Hand 2019
+
+
+@register
+class DeepDecoder(NetworkSolver):
+    name = "deep-decoder"
+    Params = DeepDecoderParams
+
+    def initial_input(self) -> torch.Tensor:
+        p = self.params
+        preset = PRESETS.get(p.network)
+        if preset is None or not issubclass(preset.cls, DeepDecoderNet):
+            decoders = [n for n, s in PRESETS.items() if issubclass(s.cls, DeepDecoderNet)]
+            raise ValueError(f"deep-decoder: network must be a Deep Decoder preset ({', '.join(decoders)}), "
+                             f"got {p.network!r}")
+        if p.input != "noise":
+            raise ValueError(f"deep-decoder: input must be 'noise' (its own fixed random input), got {p.input!r}")
+        layers, channels = preset.kwargs.get("layers", 6), preset.kwargs.get("channels", 128)
+        h, w = self.problem.image_shape[2:]
+        factor = 2 ** (layers - 1)
+        shape = (1, channels, math.ceil(h / factor), math.ceil(w / factor))
+        return p.input_noise_scale * torch.rand(shape, generator=self.generator, device=self.device)
+
+    def __init__(self, problem, params, seed, device):
+        super().__init__(problem, params, seed, device)
+        expected = self.net.input_shape(*problem.image_shape[2:])  # also fixes the output size
+        if tuple(expected) != tuple(self.z.shape):  # pragma: no cover - guards preset drift
+            raise RuntimeError(f"deep-decoder: input {tuple(self.z.shape)} does not match the network's {expected}")
+
+    def step(self, k: int) -> StepOutput:
+        x = self.net(self.network_input())
+        data = self.problem.data_fidelity(x)
+        self.update(data)
+        return StepOutput(x.detach(), {"loss": data.detach(), "data": data.detach()})

@@ -1,0 +1,29 @@
+"""ES-DIP: vanilla DIP stopped by the windowed moving variance (ES-WMV; Wang et al. 2021/2023,
+Alg. 2 of the CT chapter, tutorial Sec. III-B).
+
+The shared loop computes VAR(k) over the last W iterates every step, keeps the iterate with
+the smallest VAR (a new best needs VAR < delta * best) and stops `patience` steps after it;
+the result's image is that selected iterate, also when the budget ends first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recon.solvers import register
+from recon.solvers.dip import DIP, DIPParams
+
+
+@dataclass
+class ESDIPParams(DIPParams):
+    early_stop: bool = True
+    variance_window: int = 100   # W = 100: Wang et al. (ES-WMV defaults), CT chapter Sec. 4.1 / Alg. 2
+    patience: int = 1000         # p = 1000: Wang et al. defaults, as the CT chapter's experiments use
+    es_delta: float = 1.0        # delta of Alg. 2: any decrease is a new best (Wang et al. ES-WMV)
+
+
+@register
+class ESDIP(DIP):
+    """Vanilla DIP (Alg. 1) with ES-WMV early stopping (Alg. 2) done by the shared loop."""
+
+    name = "es-dip"
+    Params = ESDIPParams

@@ -1,0 +1,86 @@
+"""Self-Guided DIP (Liang et al. 2025; Alg. 7 and eqs. 34-35 of the CT chapter).
+
+Each step draws N_eta input perturbations eta_i ~ U(0, m), m = max|z| / 2, averages
+x~ = 1/N_eta sum_i f_theta(z + eta_i), and takes one Adam step on both theta and the input z of
+    1/2 ||A x~ - y||^2 + lambda/2 ||x~ - z||^2,
+then updates x^(k) = gamma x^(k-1) + (1 - gamma) x~ with x^(0) = 0 (Alg. 7 line 6). x^(k) is the
+iterate the method reports (and its metrics are computed on); the result is x^(N_max).
+The draws come from the solver's seeded generator, so runs repeat exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recon.solvers import register
+from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.common import check_nonnegative, check_positive, image_input
+
+
+@dataclass
+class SelfGuidedParams(NetworkParams):
+    network: str = "unet"     # a U-Net, as Liang et al. and the CT chapter's experiments (Sec. 6.2)
+    input: str = "auto"       # z initialised from A^H y (MRI/CT) or y (restoration), then learnt
+    # lambda = 1: the objective of Liang et al.'s public notebook weighs both terms equally
+    # (the chapter's Alg. 7 leaves lambda > 0 open).
+    lam: float = 1.0
+    n_eta: int = 4            # N_eta = 4 noise draws per step: the CT chapter's public code (selfg_dip.py)
+    noise_fraction: float = 0.5   # eta ~ U(0, m), m = max|z| / 2: CT chapter Sec. 4.4 (Liang et al.)
+    gamma: float = 0.99       # EMA weight gamma of eq. (35) / alpha of Alg. 7: chapter's public code (0.99)
+    lr: float = 1e-4          # Adam lr 1e-4 for theta: the CT chapter's public code (run_dip.py)
+    lr_z: float = 1e-4        # the same lr for z: the chapter's public code (selfg_dip.py, lr_z = lr)
+
+    ALIASES = {"lambda": "lam", "alpha": "gamma", "N_eta": "n_eta"}
+
+
+@register
+class SelfGuidedDIP(NetworkSolver):
+    name = "self-guided"
+    Params = SelfGuidedParams
+    terms = ("data", "self_guidance")
+
+    def __init__(self, problem, params, seed, device):
+        check_nonnegative("self-guided", lam=params.lam)
+        if params.n_eta < 1:
+            raise ValueError(f"self-guided: n_eta must be >= 1, got {params.n_eta}")
+        if not 0 <= params.gamma < 1:
+            raise ValueError(f"self-guided: gamma must be in [0, 1), got {params.gamma!r}")
+        check_positive("self-guided", noise_fraction=params.noise_fraction, lr_z=params.lr_z)
+        if params.jitter > 0:
+            raise ValueError("self-guided: jitter is not used (the method perturbs its input by eta); set it to 0")
+        super().__init__(problem, params, seed, device)
+        # z is learnt with its own learning rate: one Adam over two parameter groups
+        self.optimizer = torch.optim.Adam([{"params": list(self.net.parameters())},
+                                           {"params": [self.z], "lr": params.lr_z}], lr=params.lr)
+        self.average = torch.zeros(problem.image_shape, device=device)  # x^(0) = 0 (Alg. 7 line 1)
+
+    def initial_input(self) -> torch.Tensor:
+        z = image_input(self.problem, self.params.input, self.name).to(self.device)
+        return torch.nn.Parameter(z.clone())
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.net.parameters(), self.z]
+
+    def step(self, k: int) -> StepOutput:
+        p = self.params
+        zs = self.z.expand(p.n_eta, *self.z.shape[1:])
+        m = p.noise_fraction * self.z.detach().abs().max()
+        eta = m * torch.rand(zs.shape, generator=self.generator, device=self.device)
+        mean = self.net(zs + eta).mean(dim=0, keepdim=True)
+        data = self.problem.data_fidelity(mean)
+        guidance = 0.5 * torch.sum((mean - self.z) ** 2)
+        loss = data + p.lam * guidance
+        self.update(loss)
+        self.average = p.gamma * self.average + (1 - p.gamma) * mean.detach()
+        return StepOutput(self.average, {"loss": loss.detach(), "data": data.detach(),
+                                         "self_guidance": guidance.detach()})
+
+    def final_image(self) -> torch.Tensor:
+        return self.average  # x^(N_max) of Alg. 7
+
+    def extra_state(self) -> dict:
+        return {"average": self.average}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.average = state["average"].to(self.device)

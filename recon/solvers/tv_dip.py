@@ -1,0 +1,64 @@
+"""DIP + TV: joint gradient form (Alg. 3 of the CT chapter; Baguer et al. 2020, Liu et al. 2019)
+and half-quadratic splitting (Alg. 4 of the CT chapter)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recon.solvers import register
+from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.common import check_nonnegative, check_positive, tv_norm
+from recon.solvers.splitting import HQSParams, HQSSolver
+
+
+@dataclass
+class TVDIPParams(NetworkParams):
+    # alpha = 0.01: the DIP+TV loss 1/2||b - A G||^2 + 0.01 TV(G) of the DIP-ADMM thesis (eq. 36,
+    # Sec. 4.1), the same 1/2-scaled sum-of-squares data term as ours. (The aSeqDIP paper App. C.6
+    # sets "1" in a normalisation it does not state; the CT chapter tunes it per scan.)
+    alpha: float = 0.01
+    # TV is not differentiable where Dx = 0; sqrt(|Dx|^2 + eps^2) - eps keeps the gradient finite
+    # and changes TV by at most eps per pixel (not in the papers, which rely on autograd's subgradient).
+    tv_eps: float = 1e-6
+
+
+@register
+class TVDIP(NetworkSolver):
+    """min_theta 1/2||A f(z) - y||^2 + alpha TV(f(z)), one Adam step per step (Alg. 3)."""
+
+    name = "tv-dip"
+    Params = TVDIPParams
+    terms = ("data", "tv")
+
+    def __init__(self, problem, params, seed, device):
+        check_nonnegative("tv-dip", alpha=params.alpha)
+        check_positive("tv-dip", tv_eps=params.tv_eps)
+        super().__init__(problem, params, seed, device)
+
+    def step(self, k: int) -> StepOutput:
+        x = self.net(self.network_input())
+        data = self.problem.data_fidelity(x)
+        tv = tv_norm(x, self.params.tv_eps)
+        loss = data + self.params.alpha * tv
+        self.update(loss)
+        return StepOutput(x.detach(), {"loss": loss.detach(), "data": data.detach(), "tv": tv.detach()})
+
+
+@dataclass
+class TVDIPHQSParams(HQSParams):
+    denoiser: str = "tv"  # u = prox_{alpha_k TV}(f(z)): Alg. 4 line 9
+
+
+@register
+class TVDIPHQS(HQSSolver):
+    """Alg. 4: N_sub Adam steps on 1/2||A f(z) - y||^2 + mu_k/2 ||f(z) - u||^2, then
+    u = prox_{alpha_k TV}(f(z)); mu_k = lambda / alpha_k with alpha_k decreasing geometrically."""
+
+    name = "tv-dip-hqs"
+    Params = TVDIPHQSParams
+
+    def __init__(self, problem, params, seed, device):
+        if params.denoiser != "tv":
+            raise ValueError(f"tv-dip-hqs: denoiser must be 'tv' (use dip-denoiser-hqs for "
+                             f"{params.denoiser!r})")
+        super().__init__(problem, params, seed, device)
+

@@ -1,0 +1,200 @@
+"""Ray backend: one Ray task per job, on a running cluster or on a local one sized to this machine.
+
+Each task asks Ray for explicit `num_cpus` and `num_gpus` (fractional GPUs pack several small
+reconstructions on one device; torch's per-process memory fraction is set to match). At most
+`max_in_flight` tasks exist at a time (default 2 x the cluster's job slots), so a cohort of
+thousands of jobs never becomes thousands of pending tasks; a `ray.wait` loop collects results.
+
+Failures: the worker records exceptions inside a job itself (status 'failed', not retried).
+A worker process that dies (killed, node lost) is retried by Ray up to `max_retries` times;
+after that, or when Ray's memory monitor kills it, the driver records the job as failed with
+the reason. CUDA out-of-memory inside a job is an exception like any other: 'failed' with
+torch's message.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.jobs import Job
+from pipeline.progress import Progress
+from schedulers.base import Backend, run_one
+from schedulers.ledger import record_lost
+
+DEFAULT_MAX_RETRIES = 2  # retries after a worker process died; a job that kills its worker 3x is failed
+
+
+def _run_task(job: Job, store_path: str, device: str | None, num_cpus: float, num_gpus: float) -> str:
+    """Body of the Ray task (runs in a Ray worker process, which Ray reuses between tasks)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    if device is None:  # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted this task
+        device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    on_gpu = str(device).startswith("cuda")
+    if on_gpu and 0 < num_gpus < 1:
+        # a fraction of a GPU: keep torch's caching allocator within that share of the memory
+        torch.cuda.set_per_process_memory_fraction(num_gpus, torch.device(device).index or 0)
+    try:
+        return run_one(job, store_path, device=device)
+    finally:
+        if on_gpu:
+            torch.cuda.empty_cache()  # the process serves the next task: hand back cached blocks
+
+
+class RayBackend(Backend):
+    name = "ray"
+
+    def __init__(self, device: str | None = None, address: str | None = None, cpus_per_job: float | None = None,
+                 gpus_per_job: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
+                 max_in_flight: int | None = None, **options: Any):
+        super().__init__(device=device, **options)
+        self.address = address
+        self.cpus_per_job = cpus_per_job
+        self.gpus_per_job = gpus_per_job
+        self.max_retries = int(max_retries)
+        self.max_in_flight = max_in_flight
+        for name, value in (("cpus_per_job", cpus_per_job), ("gpus_per_job", gpus_per_job)):
+            if value is not None and float(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    # ---- resources -------------------------------------------------------------------------
+    def _resources(self, job: Job) -> tuple[float, float]:
+        cpus = float(self.cpus_per_job if self.cpus_per_job is not None else job.resources.cpus)
+        gpus = float(self.gpus_per_job if self.gpus_per_job is not None else job.resources.gpus)
+        if self.device == "cpu":
+            gpus = 0.0
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"job {job.job_id}: gpus {gpus} - fractions are only allowed below 1 GPU")
+        return max(cpus, 0.0), gpus
+
+    def _slots(self, jobs: Sequence[Job]) -> int:
+        """How many jobs the cluster runs at once (by the first job's request)."""
+        import ray
+
+        total = ray.cluster_resources()
+        cpus, gpus = self._resources(jobs[0])
+        slots = math.inf
+        if cpus > 0:
+            slots = min(slots, total.get("CPU", 0) // cpus)
+        if gpus > 0:
+            if total.get("GPU", 0) <= 0:
+                raise ValueError(f"jobs ask for {gpus:g} GPU each but the Ray cluster has no GPU; "
+                                 f"run with --gpus-per-job 0 or connect to a cluster with GPUs (--ray-address)")
+            slots = min(slots, total["GPU"] // gpus)
+        if slots < 1:
+            raise ValueError(f"no node of the Ray cluster can run a job asking for {cpus:g} CPU(s) and "
+                             f"{gpus:g} GPU(s) (cluster: {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)")
+        return int(slots) if slots != math.inf else 1
+
+    # ---- cluster ---------------------------------------------------------------------------
+    def _connect(self) -> bool:
+        """Connect or start a local cluster; True when this call started Ray (and must shut it down)."""
+        import ray
+
+        if ray.is_initialized():
+            return False
+        # task output goes to each job's log file, not interleaved into the driver's terminal
+        if self.address:
+            ray.init(address=self.address, log_to_driver=False, logging_level="warning")
+        else:
+            import torch
+
+            ray.init(num_cpus=_cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
+                     log_to_driver=False, logging_level="warning")
+        return True
+
+    # ---- run -------------------------------------------------------------------------------
+    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress) -> None:
+        if not jobs:
+            return
+        import ray
+
+        started = self._connect()
+        try:
+            self._run(list(jobs), str(Path(store_path).resolve()), progress)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, jobs: list[Job], store_path: str, progress: Progress) -> None:
+        import ray
+
+        task = ray.remote(_run_task)
+        limit = self.max_in_flight or 2 * self._slots(jobs)
+        queue = iter(jobs)
+        in_flight: dict[Any, Job] = {}
+        try:
+            while True:
+                while len(in_flight) < limit:
+                    job = next(queue, None)
+                    if job is None:
+                        break
+                    cpus, gpus = self._resources(job)
+                    ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=self.max_retries,
+                                       retry_exceptions=False, name=f"dipcohort:{job.job_id}").remote(
+                        job, store_path, self.device, cpus, gpus)
+                    in_flight[ref] = job
+                    progress.job_started(job)
+                if not in_flight:
+                    break
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    job = in_flight.pop(ref)
+                    progress.job_finished(job, self._outcome(ref, job, store_path))
+        except BaseException:
+            for ref in in_flight:  # driver interrupted: leave no orphan reconstruction running
+                ray.cancel(ref, force=True)
+            raise
+
+    def _outcome(self, ref: Any, job: Job, store_path: str) -> str:
+        import ray
+        from ray import exceptions as rex
+
+        try:
+            return ray.get(ref)
+        except rex.OutOfMemoryError as err:
+            reason = f"killed by Ray's memory monitor (host out of memory): {_first_line(err)}"
+        except (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError) as err:
+            reason = (f"Ray worker process died {self.max_retries + 1} time(s) running this job "
+                      f"({type(err).__name__}): {_first_line(err)}")
+        except rex.TaskCancelledError as err:
+            reason = f"Ray task cancelled: {_first_line(err)}"
+        except rex.RayError as err:
+            reason = f"Ray error ({type(err).__name__}): {_first_line(err)}"
+        record_lost(job, store_path, reason)
+        return "failed"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def add_arguments(group) -> None:
+    from schedulers.flags import add_resource_arguments
+
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="ray: connect to a running cluster ('auto' or HOST:PORT); default: start a local one")
+    add_resource_arguments(group)
+
+
+def options_from_args(args) -> dict[str, Any]:
+    from schedulers.flags import resource_options
+
+    opts = resource_options(args, ("gpus_per_job", "cpus_per_job"))
+    if args.ray_address:
+        opts["address"] = args.ray_address
+    return opts
+
+
+BACKEND = RayBackend

@@ -1,0 +1,170 @@
+"""Shared pieces of the scheduler tests: a tiny cohort, its store, a reference run, comparisons.
+
+Every backend must give the numbers of the sequential local backend. On CPU torch's results
+depend on the number of threads (reduction order), so the reference runs with 1 thread and the
+backends under test are given 1 CPU / 1 thread per job too.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.jobs import STATUS_NAMES, Job
+from pipeline.progress import Progress
+
+REPO = Path(__file__).resolve().parent.parent
+# scan ids and their bundled scikit-image sources (32 px, denoising: the cheapest task)
+SCANS = {"cam": "skimage:camera", "moon": "skimage:moon"}
+
+
+def write_manifest(path: Path, *, steps: int = 100, seeds=(0, 1), scans: dict[str, str] | None = None,
+                   checkpoint_every: int = 0, cohort: str = "sched") -> Path:
+    lines = [f"cohort: {cohort}", f"steps: {steps}", f"seeds: [{', '.join(map(str, seeds))}]", "size: 32",
+             "metrics: {ssim_every: 10}", "resources: {gpus: 0, cpus: 1, mem_gb: 1, time_min: 10}",
+             f"checkpoint_every: {checkpoint_every}", "scans:"]
+    for scan_id, source in (scans or SCANS).items():
+        lines.append(f'  - {{id: {scan_id}, source: "{source}", task: denoise, params: {{sigma: 25}}}}')
+    lines += ["solvers:", "  - {name: dip, params: {network: tiny}}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_store(manifest_path: Path, out: Path) -> list[Job]:
+    """Create the store as the driver does (every array, nothing run); returns the placed jobs."""
+    from pipeline import store as st
+    from pipeline.manifest import load_manifest
+    from pipeline.worker import probe_shapes
+
+    manifest = load_manifest(manifest_path)
+    shapes = probe_shapes(manifest.scans, threads=1)
+    jobs, groups = st.assign_image_groups(manifest.jobs, shapes)
+    st.create_store(out, jobs, groups, cohort=manifest.cohort, manifest_text=manifest.text,
+                    manifest_path=manifest.path, metric_names=st.metric_names_for(c.solver for c in manifest.configs))
+    return jobs
+
+
+_REFERENCES: dict[tuple, Path] = {}
+
+
+def reference_store(manifest_path: Path, base: Path) -> Path:
+    """The manifest run sequentially in this process with 1 torch thread (computed once per session)."""
+    from schedulers.local import LocalBackend
+
+    key = (manifest_path.read_text(),)
+    if key not in _REFERENCES:
+        out = base / f"reference-{len(_REFERENCES)}.zarr"
+        jobs = make_store(manifest_path, out)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            LocalBackend(device="cpu").run(jobs, out, Progress())
+        finally:
+            torch.set_num_threads(threads)
+        assert set(statuses(out).values()) == {"done"}, statuses(out)
+        _REFERENCES[key] = out
+    return _REFERENCES[key]
+
+
+def statuses(store: Path) -> dict[str, str]:
+    g = zarr.open_group(str(store), mode="r")["jobs"]
+    return {str(j): STATUS_NAMES[int(s)] for j, s in zip(g["job_id"][:], g["status"][:])}
+
+
+def attempts(store: Path) -> dict[str, int]:
+    g = zarr.open_group(str(store), mode="r")["jobs"]
+    return {str(j): int(a) for j, a in zip(g["job_id"][:], g["attempts"][:])}
+
+
+def assert_same_results(store: Path, reference: Path, job_ids: list[str] | None = None) -> None:
+    """Same job ids in the same rows, and identical metrics, summaries (less timings) and images."""
+    a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(reference), mode="r")
+    ids_a, ids_b = list(a["jobs/job_id"][:]), list(b["jobs/job_id"][:])
+    assert ids_a == ids_b
+    rows = [ids_a.index(j) for j in job_ids] if job_ids else list(range(len(ids_a)))
+    np.testing.assert_array_equal(a["metrics/values"][rows], b["metrics/values"][rows])
+    fields = list(a["summary"]["values"].attrs["summary_fields"])
+    keep = [i for i, f in enumerate(fields) if f not in ("runtime_s", "steps_per_s")]
+    np.testing.assert_array_equal(a["summary/values"][rows][:, keep], b["summary/values"][rows][:, keep])
+    for name in a.attrs["image_groups"]:
+        ga, gb = a["images"][name], b["images"][name]
+        image_rows = [i for i, j in enumerate(ga["job_index"][:]) if int(j) in rows]
+        for arr in ("final", "reference", "degraded"):
+            np.testing.assert_array_equal(ga[arr][image_rows], gb[arr][image_rows])
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    """Poll until predicate() is truthy; fail with `what` after `timeout` seconds (a hang guard)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def log_text(store: Path, job_id: str) -> str:
+    from pipeline.store import log_path
+
+    path = log_path(store, job_id)
+    return path.read_text() if path.is_file() else ""
+
+
+def cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`dipcohort ARGS` in a subprocess with 1 torch thread (like the reference)."""
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=cli_env(),
+                         capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and out.returncode != 0:
+        raise AssertionError(f"dipcohort {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pids_named(fragment: str) -> list[int]:
+    """Processes whose command line contains `fragment` (read from /proc)."""
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and fragment in cmdline(int(e.name))]
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def have(command: str) -> bool:
+    return shutil.which(command) is not None

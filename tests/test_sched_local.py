@@ -1,0 +1,75 @@
+"""Local process pool (`--workers N`): same job ids and numbers as the sequential backend; a worker
+process killed mid-job is replaced and its job retried."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+import sched_common as sc
+from pipeline.progress import Progress
+from schedulers import get_backend
+from schedulers.local import LocalBackend, worker_devices
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sched-local")
+    manifest = sc.write_manifest(base / "cohort.yaml", steps=120)
+    return manifest, sc.reference_store(manifest, base)
+
+
+def test_pool_of_two_matches_sequential(cohort, tmp_path):
+    manifest, reference = cohort
+    out = tmp_path / "pool.zarr"
+    jobs = sc.make_store(manifest, out)
+    progress = Progress()
+    progress.start(len(jobs))
+    get_backend("local", device="cpu", workers=2, threads=1).run(jobs, out, progress)
+    assert progress.counts["done"] == len(jobs) == 4
+    assert set(sc.statuses(out).values()) == {"done"}
+    assert set(sc.attempts(out).values()) == {1}
+    sc.assert_same_results(out, reference)
+
+
+def test_killed_pool_worker_is_replaced_and_job_retried(cohort, tmp_path):
+    manifest, reference = cohort
+    out = tmp_path / "pool-kill.zarr"
+    jobs = sc.make_store(manifest, out)
+    progress = Progress()
+    backend = LocalBackend(device="cpu", workers=2, threads=1)
+    runner = threading.Thread(target=backend.run, args=(jobs, out, progress))
+    runner.start()
+    try:
+        # both workers busy (jobs 0 and 1 started, 4 jobs in all): kill one of them mid-job
+        sc.wait_for(lambda: all("start job" in sc.log_text(out, j.job_id) for j in jobs[:2]), 120,
+                    "the first two jobs to start")
+        workers = [p for p in sc.children_of(os.getpid()) if "multiprocessing.spawn" in sc.cmdline(p)]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+    finally:
+        runner.join(timeout=300)
+    assert not runner.is_alive()
+    assert set(sc.statuses(out).values()) == {"done"}
+    tries = sc.attempts(out)
+    assert sorted(tries.values()) == [1, 1, 1, 2]   # the killed job ran again, the others once
+    retried = [j for j, n in tries.items() if n == 2][0]
+    assert sc.log_text(out, retried).count("start job") == 2
+    assert progress.counts["done"] == len(jobs)
+    sc.assert_same_results(out, reference)
+
+
+def test_worker_devices_round_robin_and_cpu():
+    assert worker_devices(3, "cpu") == ["cpu"] * 3
+    assert worker_devices(2, "cuda:1") == ["cuda:1"] * 2
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        assert worker_devices(2, None) == ["cpu", "cpu"]
+        with pytest.raises(ValueError, match="no GPU"):
+            worker_devices(2, "cuda")
+    else:
+        n = torch.cuda.device_count()
+        assert worker_devices(n + 1, None) == [f"cuda:{i % n}" for i in range(n + 1)]

@@ -1,0 +1,101 @@
+"""Slurm backend (submitit) against a real Slurm (scripts/slurm-local.sh up): same numbers as the
+local backend; --no-wait, then `dipcohort status`, then a rerun that follows the queued jobs
+instead of submitting them again; `scontrol requeue` of a running task resumes its job from the
+solver checkpoint with the numbers of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+import sched_common as sc
+from pipeline.progress import Progress
+
+pytest.importorskip("submitit", reason="submitit is not installed (pip install 'dipcohort[slurm]')")
+
+
+def _slurm_up() -> str | None:
+    """None when a partition is up, else why the Slurm tests skip."""
+    if not sc.have("sinfo") or not sc.have("sbatch"):
+        return "no Slurm client (sinfo/sbatch) on this machine; `scripts/slurm-local.sh up` installs a local one"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%a %t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not reachable (scripts/slurm-local.sh up)"
+    states = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not any(s[0] == "up" and s[1].rstrip("*") in ("idle", "mix", "alloc") for s in states):
+        return f"no Slurm partition is up (sinfo: {out.stdout.strip() or out.stderr.strip()}); run scripts/slurm-local.sh up"
+    return None
+
+
+_WHY = _slurm_up()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_WHY is not None, reason=_WHY or "")]
+
+
+def _submissions(out) -> list[dict]:
+    from pipeline.store import work_dir
+
+    path = work_dir(out) / "slurm" / "submissions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
+    from schedulers.slurm import active_jobs
+
+    manifest = sc.write_manifest(tmp_path / "cohort.yaml", steps=120)
+    reference = sc.reference_store(manifest, tmp_path)
+    out = tmp_path / "slurm.zarr"
+    common = ("--out", str(out), "--backend", "slurm", "--device", "cpu", "--progress", "plain")
+    submit = sc.cli("run", str(manifest), *common, "--no-wait", "--array-parallelism", "2", "--cpus-per-job", "1")
+    assert "not waiting" in submit.stderr
+    (record,) = _submissions(out)
+    assert len(record["jobs"]) == 4
+    # returned at submission: the array is still in the queue (each task needs seconds to start python)
+    assert active_jobs([record["slurm_job"]]) == {record["slurm_job"]}
+    status = sc.cli("status", str(out)).stdout
+    counts = dict(re.findall(r"(pending|running|done|failed|diverged) (\d+)", status))
+    assert "4 jobs" in status and int(counts["pending"]) + int(counts["running"]) > 0
+
+    # a rerun while the array is queued submits nothing new and waits for the queued jobs
+    follow = sc.cli("run", str(manifest), *common, "-o", "poll_s=1")
+    assert "still queued or running from an earlier submission" in follow.stderr
+    assert len(_submissions(out)) == 1
+    assert "done 4" in follow.stdout
+    assert set(sc.statuses(out).values()) == {"done"}
+    assert set(sc.attempts(out).values()) == {1}
+    sc.assert_same_results(out, reference)
+    # each job's log names its Slurm task; logs/<job>.slurm.out links to submitit's stdout
+    from pipeline.store import log_path
+
+    for job_id in sc.statuses(out):
+        assert f"slurm: job {record['slurm_job']}_" in sc.log_text(out, job_id)
+        linked = log_path(out, job_id).with_suffix(".slurm.out")
+        assert linked.is_symlink() and f"job {job_id}: done" in linked.read_text()
+
+
+def test_requeued_task_resumes_from_checkpoint_with_same_numbers(tmp_path):
+    from pipeline.store import checkpoint_path
+    from schedulers.slurm import SlurmBackend
+
+    manifest = sc.write_manifest(tmp_path / "long.yaml", steps=500, seeds=(0,), scans={"cam": "skimage:camera"},
+                                 checkpoint_every=10)
+    reference = sc.reference_store(manifest, tmp_path)
+    out = tmp_path / "requeue.zarr"
+    jobs = sc.make_store(manifest, out)
+    (job,) = jobs
+    SlurmBackend(device="cpu", cpus_per_job=1, wait=False).run(jobs, out, Progress())
+    (record,) = _submissions(out)
+    # once the job has written a checkpoint, requeue its task (Slurm kills it and queues it again)
+    sc.wait_for(lambda: checkpoint_path(out, job.job_id).is_file(), 180, "the job's first checkpoint")
+    subprocess.run(["scontrol", "requeue", record["slurm_job"]], check=True, capture_output=True, timeout=30)
+    progress = Progress()
+    SlurmBackend(device="cpu", cpus_per_job=1, poll_s=1).run(jobs, out, progress)  # follows the queued task
+    assert progress.counts["done"] == 1
+    assert sc.statuses(out) == {job.job_id: "done"}
+    assert sc.attempts(out)[job.job_id] == 2
+    log = sc.log_text(out, job.job_id)
+    assert log.count("start job") == 2 and "resuming from checkpoint" in log
+    assert not checkpoint_path(out, job.job_id).exists()   # removed once the results were stored
+    sc.assert_same_results(out, reference)

@@ -1,0 +1,201 @@
+"""The Zarr results store: layout, NaN fill, one chunk per job, concurrent writers."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import store as st
+from pipeline.jobs import STATUS_CODES, Job, ScanSpec, job_id_for
+
+STEPS = 40
+
+
+def make_jobs(n: int, solvers=("dip", "aseqdip")) -> list[Job]:
+    jobs = []
+    for i in range(n):
+        scan = ScanSpec(id=f"scan{i // 2}", source="skimage:camera", task="mri" if i % 4 == 3 else "denoise",
+                        task_params={"sigma": 25})
+        solver = solvers[i % len(solvers)]
+        jobs.append(Job(job_id=job_id_for(scan, solver, {}, i, STEPS, 10), index=i, scan=scan, solver=solver,
+                        params={}, config=solver, seed=i, steps=STEPS - (i % 3)))
+    return jobs
+
+
+def shapes_for(jobs: list[Job]) -> dict[str, st.ImageShape]:
+    # MRI scans: 2 network channels (real, imag) shown as 1 magnitude channel
+    return {j.scan.id: st.ImageShape(2, 1, 16, 16) if j.scan.task == "mri" else st.ImageShape(1, 1, 12, 12)
+            for j in jobs}
+
+
+def build(tmp_path: Path, n: int = 8) -> tuple[Path, list[Job], dict]:
+    jobs = make_jobs(n)
+    placed, groups = st.assign_image_groups(jobs, shapes_for(jobs))
+    path = tmp_path / "res.zarr"
+    st.create_store(path, placed, groups, cohort="t", manifest_text="cohort: t\n", manifest_path=tmp_path / "m.yaml",
+                    metric_names=st.metric_names_for(["dip", "aseqdip"]))
+    return path, placed, groups
+
+
+def test_layout_names_shapes_chunks_and_attrs(tmp_path):
+    path, jobs, groups = build(tmp_path)
+    root = zarr.open_group(str(path), mode="r")
+    n = len(jobs)
+    assert root.attrs["cohort"] == "t"
+    assert root.attrs["manifest"] == "cohort: t\n"
+    assert root.attrs["status_codes"] == STATUS_CODES
+    assert "numpy" in root.attrs["packages"] and "zarr" in root.attrs["packages"]
+    assert "git_commit" in root.attrs and root.attrs["created"].endswith("+00:00")
+    names = root.attrs["metric_names"]
+    assert names[:4] == ["loss", "psnr", "ssim", "movvar"] and "data" in names and "autoencoding" in names
+    assert root.attrs["summary_fields"] == list(st.SUMMARY_FIELDS)
+    assert sorted(root.attrs["image_groups"]) == ["c1_12x12", "c2_16x16"]
+    assert root.attrs["max_steps"] == STEPS
+
+    g = root["jobs"]
+    for name in (*st.COORDS, *st.INT_COORDS, *st.LEDGER):
+        assert g[name].shape == (n,), name
+    for name in st.LEDGER:
+        assert g[name].chunks == (1,), f"ledger {name} must be one chunk per job"
+    assert list(g["job_id"][:]) == [j.job_id for j in jobs]
+    assert list(g["seed"][:]) == [j.seed for j in jobs]
+    assert (g["status"][:] == STATUS_CODES["pending"]).all()
+    assert all(p.endswith(f"{j.job_id}.log") for p, j in zip(g["log_path"][:], jobs))
+
+    m = root["metrics/values"]
+    assert m.shape == (n, len(names), STEPS) and m.chunks == (1, len(names), STEPS)
+    assert m.metadata.dimension_names == ("job", "metric", "step")
+    assert np.isnan(m[:]).all(), "fill value must be NaN"
+    s = root["summary/values"]
+    assert s.shape == (n, len(st.SUMMARY_FIELDS)) and s.chunks == (1, len(st.SUMMARY_FIELDS))
+    assert np.isnan(s[:]).all()
+
+    mri = root["images/c2_16x16"]
+    k = sum(j.image_group == "c2_16x16" for j in jobs)
+    assert mri["final"].shape == (k, 2, 16, 16) and mri["final"].chunks == (1, 2, 16, 16)
+    assert mri["early_stopped"].shape == (k, 2, 16, 16)
+    assert mri["reference"].shape == (k, 1, 16, 16) and mri["degraded"].chunks == (1, 1, 16, 16)
+    assert np.isnan(mri["final"][:]).all()
+    # each image row points back at its job row, and the job row at its image row
+    rows = mri["job_index"][:]
+    assert [g["image_group"][r] for r in rows] == ["c2_16x16"] * k
+    assert list(g["image_index"][rows]) == list(range(k))
+
+
+def _expected(index: int, metric_shape, summary_len, image_shape, display_shape):
+    rng = np.random.default_rng(index)
+    hist = rng.standard_normal(metric_shape).astype(np.float32)
+    return (hist, rng.standard_normal(summary_len), rng.random(image_shape).astype(np.float32),
+            rng.random(display_shape).astype(np.float32))
+
+
+def _write_jobs(path: str, jobs: list[Job]) -> None:
+    """A worker process: writes its jobs' data, then the ledger (status last)."""
+    root = st.open_store(path)
+    names = list(root["metrics/values"].attrs["metric_names"])
+    for job in jobs:
+        grp = root["images"][job.image_group]
+        hist, summ, img, disp = _expected(job.index, (len(names), job.steps), len(st.SUMMARY_FIELDS),
+                                          grp["final"].shape[1:], grp["reference"].shape[1:])
+        w = st.JobWriter(path, job)
+        w.start("cpu")
+        w.metrics({name: hist[k] for k, name in enumerate(names)})
+        w.summary(dict(zip(st.SUMMARY_FIELDS, summ)))
+        w.images(final=img, early_stopped=None, reference=disp, degraded=1 - disp)
+        w.finish("done", 0.5)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_concurrent_writers_never_corrupt_each_other(tmp_path):
+    path, jobs, groups = build(tmp_path, n=16)
+    meta_before = {p: p.read_bytes() for p in path.rglob("zarr.json")}
+    n_proc = 4
+    # interleaved: neighbouring chunks are written by different processes at the same time
+    parts = [jobs[k::n_proc] for k in range(n_proc)]
+    with ProcessPoolExecutor(n_proc, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_write_jobs, [str(path)] * n_proc, parts))
+
+    root = zarr.open_group(str(path), mode="r")
+    names = list(root.attrs["metric_names"])
+    assert (root["jobs/status"][:] == STATUS_CODES["done"]).all()
+    assert (root["jobs/attempts"][:] == 1).all()
+    for job in jobs:
+        grp = root["images"][job.image_group]
+        hist, summ, img, disp = _expected(job.index, (len(names), job.steps), len(st.SUMMARY_FIELDS),
+                                          grp["final"].shape[1:], grp["reference"].shape[1:])
+        metrics = root["metrics/values"][job.index]
+        # the job's steps, then NaN up to the cohort's longest budget
+        assert np.isnan(metrics[:, job.steps:]).all()
+        got = (metrics[:, :job.steps], root["summary/values"][job.index], grp["final"][job.image_index],
+               grp["reference"][job.image_index], grp["degraded"][job.image_index])
+        assert _digest(*got) == _digest(hist, summ, img, disp, 1 - disp), f"job {job.index} corrupted"
+        assert np.isnan(grp["early_stopped"][job.image_index]).all()
+    # workers wrote chunks only: no group or array metadata was created or changed
+    assert {p: p.read_bytes() for p in path.rglob("zarr.json")} == meta_before
+
+
+def test_each_job_owns_its_chunk_files(tmp_path):
+    path, jobs, _ = build(tmp_path, n=4)
+    before = {p for p in path.rglob("*") if p.is_file()}
+    _write_jobs(str(path), [jobs[2]])
+    new = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - \
+        {p.relative_to(path).as_posix() for p in before}
+    group, row = jobs[2].image_group, jobs[2].image_index
+    # error '' equals the fill value: zarr stores no chunk for it
+    expected = {"jobs/status/c/2", "jobs/attempts/c/2", "jobs/runtime_s/c/2", "jobs/device/c/2",
+                "metrics/values/c/2/0/0", "summary/values/c/2/0",
+                f"images/{group}/final/c/{row}/0/0/0", f"images/{group}/reference/c/{row}/0/0/0",
+                f"images/{group}/degraded/c/{row}/0/0/0"}
+    assert new == expected
+
+
+def test_resume_helpers_and_ledger(tmp_path):
+    path, jobs, _ = build(tmp_path, n=6)
+    st.JobWriter(path, jobs[0]).finish("done", 1.0)
+    st.JobWriter(path, jobs[1]).finish("failed", 1.0, error="ValueError: boom\ntraceback")
+    st.JobWriter(path, jobs[2]).finish("diverged", 1.0)
+    w = st.JobWriter(path, jobs[3])
+    w.start("cpu")  # interrupted: left 'running'
+    root = st.open_store(path)
+    assert st.done_job_ids(root) == [jobs[0].job_id]
+    assert st.failed_job_ids(root) == [jobs[1].job_id]
+    todo = st.jobs_to_run(root, jobs)
+    assert [j.index for j in todo] == [3, 4, 5]
+    assert [j.index for j in st.jobs_to_run(root, jobs, retry_failed=True)] == [1, 3, 4, 5]
+    table = st.ledger_table(path)
+    assert list(table["status"][:4]) == ["done", "failed", "diverged", "running"]
+    assert table["error"][1].startswith("ValueError: boom")
+    # the manifest's jobs map to the store's rows whatever their order
+    shuffled = [jobs[k] for k in (5, 0, 3)]
+    from dataclasses import replace
+    matched = st.match_jobs(root, [replace(j, index=99) for j in shuffled], path)
+    assert [j.index for j in matched] == [5, 0, 3]
+    stranger = replace(jobs[0], job_id="0" * 16)
+    with pytest.raises(st.StoreError, match="new --out"):
+        st.match_jobs(root, [stranger], path)
+
+
+def test_image_shape_mismatch_is_an_error(tmp_path):
+    path, jobs, _ = build(tmp_path, n=2)
+    w = st.JobWriter(path, jobs[0])
+    with pytest.raises(ValueError, match="expects"):
+        w.images(final=np.zeros((1, 13, 12), np.float32))
+
+
+def test_open_store_rejects_other_directories(tmp_path):
+    with pytest.raises(st.StoreError, match="not a dipcohort results store"):
+        st.open_store(tmp_path)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(st.StoreError, match="no 'jobs' group"):
+        st.open_store(tmp_path / "plain.zarr")

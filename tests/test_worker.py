@@ -1,0 +1,171 @@
+"""The worker: results and ledger (status last), failure and divergence isolation, resume."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import store as st
+from pipeline.commands.run import create_cohort_store
+from pipeline.jobs import STATUS_CODES
+from pipeline.manifest import load_manifest
+from pipeline.progress import Progress
+from pipeline.worker import build_problem, run_job
+from schedulers import get_backend
+
+STEPS = 20
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: no oversubscription
+    yield
+    torch.set_num_threads(before)
+
+
+def cohort(tmp_path: Path, solvers: str, scans: str | None = None, extra: str = "") -> tuple[Path, list]:
+    np.save(tmp_path / "img.npy", np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32))
+    scans = scans or """
+  - {id: cam, source: "skimage:camera", task: denoise, params: {sigma: 25}}
+  - {id: file, source: img.npy, task: inpaint, params: {hole_ratio: 0.25}}"""
+    (tmp_path / "m.yaml").write_text(f"""
+cohort: worker-test
+steps: {STEPS}
+size: 32
+metrics: {{ssim_every: 5}}
+{extra}
+scans:{scans}
+solvers:
+{solvers}
+""")
+    manifest = load_manifest(tmp_path / "m.yaml")
+    out = tmp_path / "res.zarr"
+    jobs = create_cohort_store(out, manifest, io.StringIO())
+    return out, jobs
+
+
+def test_success_writes_everything_and_status_last(tmp_path, monkeypatch):
+    out, jobs = cohort(tmp_path, "  - {name: es-dip, params: {network: tiny, variance_window: 5, patience: 5}}")
+    job = jobs[0]
+    writes: list[str] = []
+    original = zarr.Array.__setitem__
+
+    def recording(self, key, value):
+        writes.append(self.path)
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", recording)
+    assert run_job(job, out, device="cpu") == "done"
+    monkeypatch.undo()
+
+    assert writes[-1] == "jobs/status", "status must be the last write"
+    assert writes.count("jobs/status") == 2  # 'running' at the start, 'done' at the end
+    data = {"metrics/values", "summary/values", f"images/{job.image_group}/final",
+            f"images/{job.image_group}/reference", f"images/{job.image_group}/degraded"}
+    assert data <= set(writes[:-1])
+    assert writes.index("jobs/runtime_s") < len(writes) - 1 and writes.index("jobs/error") < len(writes) - 1
+
+    root = zarr.open_group(str(out), mode="r")
+    i = job.index
+    g = root["jobs"]
+    assert g["status"][i] == STATUS_CODES["done"] and g["attempts"][i] == 1
+    assert g["device"][i] == "cpu" and g["error"][i] == "" and g["runtime_s"][i] > 0
+    names = list(root.attrs["metric_names"])
+    m = root["metrics/values"][i]
+    steps_run = int(root["summary/values"][i][list(st.SUMMARY_FIELDS).index("steps")])
+    assert 0 < steps_run <= STEPS
+    assert np.isfinite(m[names.index("loss"), :steps_run]).all()
+    assert np.isfinite(m[names.index("psnr"), :steps_run]).all()
+    assert np.isfinite(m[names.index("ssim"), 0])  # ssim_every 5: step 0 computed
+    assert np.isnan(m[names.index("ssim"), 1])      # ...step 1 not
+    assert names == ["loss", "psnr", "ssim", "movvar", "data"]  # es-dip's one term: data
+    np.testing.assert_array_equal(m[names.index("data"), :steps_run], m[names.index("loss"), :steps_run])
+    assert np.isfinite(m[names.index("movvar"), 4:steps_run]).all()  # window 5
+    summary = dict(zip(st.SUMMARY_FIELDS, root["summary/values"][i]))
+    assert math.isfinite(summary["final_psnr"]) and math.isfinite(summary["peak_psnr"])
+    assert summary["peak_psnr"] >= np.nanmax(m[names.index("psnr")]) - 1e-4
+
+    grp = root["images"][job.image_group]
+    r = job.image_index
+    problem = build_problem(job.scan, job.seed)
+    np.testing.assert_allclose(grp["reference"][r], problem.ground_truth[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(grp["degraded"][r], problem.measurements[0].numpy(), atol=1e-6)
+    final = grp["final"][r]
+    assert final.shape == (1, 32, 32) and np.isfinite(final).all()
+    # the stored final image has the PSNR the summary reports
+    mse = float(np.mean((final - grp["reference"][r]) ** 2))
+    assert abs(10 * math.log10(1.0 / mse) - summary["final_psnr"]) < 1e-3
+    log = Path(str(g["log_path"][i])).read_text()
+    assert f"start job {job.job_id}" in log and f"end job {job.job_id}: done" in log
+
+    assert run_job(job, out, device="cpu") == "done"  # a rerun counts a second attempt
+    assert zarr.open_group(str(out), mode="r")["jobs/attempts"][i] == 2
+
+
+def test_exception_is_failed_with_traceback_and_other_jobs_still_run(tmp_path):
+    out, jobs = cohort(tmp_path, "  - {name: dip, params: {network: tiny}}", scans="""
+  - {id: a, source: "skimage:camera", task: denoise}
+  - {id: gone, source: img.npy, task: denoise}
+  - {id: c, source: "skimage:moon", task: denoise}""")
+    (tmp_path / "img.npy").unlink()  # the file disappears after the store was made
+    progress = Progress()
+    progress.start(len(jobs))
+    get_backend("local", device="cpu").run(jobs, out, progress)
+    assert progress.counts == {"done": 2, "failed": 1}
+
+    table = st.ledger_table(out)
+    assert list(table["status"]) == ["done", "failed", "done"]
+    error = table["error"][1]
+    assert "no such file" in error and "Traceback (most recent call last)" in error
+    assert "pipeline/worker.py" in error  # the traceback names where it happened
+    log = Path(table["log_path"][1]).read_text()
+    assert "no such file" in log and "Traceback" in log and "end job" in log
+    root = zarr.open_group(str(out), mode="r")
+    assert np.isnan(root["metrics/values"][1]).all()  # nothing half-written for the failed job
+
+
+def test_non_finite_loss_is_diverged_with_metrics_kept(tmp_path):
+    # Adam with lr 1e8 blows the tiny network up within a few steps (a real divergence)
+    out, jobs = cohort(tmp_path, "  - {name: dip, params: {network: tiny, lr: 1.0e+8}}",
+                       scans='\n  - {id: a, source: "skimage:camera", task: denoise}')
+    assert run_job(jobs[0], out, device="cpu") == "diverged"
+    root = zarr.open_group(str(out), mode="r")
+    names = list(root.attrs["metric_names"])
+    loss = root["metrics/values"][0][names.index("loss")]
+    bad = int(np.flatnonzero(~np.isfinite(loss))[0])
+    assert 0 < bad < STEPS - 1
+    assert np.isfinite(loss[:bad]).all(), "metrics before the divergence are kept"
+    assert np.isfinite(root["metrics/values"][0][names.index("psnr"), :bad]).all()
+    assert np.isnan(loss[bad + 1:]).all()
+    summary = dict(zip(st.SUMMARY_FIELDS, root["summary/values"][0]))
+    assert summary["diverged"] == 1.0 and summary["steps"] == bad + 1
+    assert root["jobs/status"][0] == STATUS_CODES["diverged"]
+
+
+def test_resumes_from_checkpoint_with_the_same_numbers(tmp_path):
+    from recon.solvers import run_solver
+
+    out, jobs = cohort(tmp_path, "  - {name: dip, params: {network: tiny}}", extra="checkpoint_every: 10",
+                       scans='\n  - {id: a, source: "skimage:camera", task: denoise}\n'
+                             '  - {id: b, source: "skimage:camera", task: denoise}')
+    a, b = jobs  # same scan content, same seed: same numbers, different rows
+    assert run_job(a, out, device="cpu") == "done"  # uninterrupted
+    ckpt = st.checkpoint_path(out, b.job_id)
+    assert not st.checkpoint_path(out, a.job_id).exists(), "checkpoint removed after a successful write"
+    # an interrupted run of b: a checkpoint at step 10 is left behind (as after a Slurm requeue)
+    run_solver(b.solver, build_problem(b.scan, b.seed), steps=STEPS, params=b.params, seed=b.seed, device="cpu",
+               ssim_every=b.ssim_every, checkpoint_path=ckpt, checkpoint_every=10)
+    assert ckpt.is_file()
+    assert run_job(b, out, device="cpu") == "done"
+    assert "resuming from checkpoint" in st.log_path(out, b.job_id).read_text()
+    assert not ckpt.exists()
+    root = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(root["metrics/values"][b.index], root["metrics/values"][a.index])
+    grp = root["images"][a.image_group]
+    np.testing.assert_array_equal(grp["final"][b.image_index], grp["final"][a.image_index])
