@@ -102,9 +102,10 @@ def _tree_rss(pid: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def run_aggregation(path: Path, workers: int) -> dict:
+def run_aggregation(path: Path, workers: int, full: bool = True) -> dict:
     """Aggregate in a fresh process; sample the tree's RSS while it runs."""
     cmd = [sys.executable, __file__, "--aggregate-only", str(path), "--workers", str(workers)]
+    cmd += ["--full"] if full else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     peak = 0
     stop = threading.Event()
@@ -130,16 +131,32 @@ def run_aggregation(path: Path, workers: int) -> dict:
     return result
 
 
-def aggregate_only(path: str, workers: int) -> None:
+def aggregate_only(path: str, workers: int, full: bool) -> None:
     from pipeline.aggregate import aggregate
 
     t0 = time.perf_counter()
-    ds = aggregate(path, workers=workers)
+    ds = aggregate(path, workers=workers, full=full)
     wall = time.perf_counter() - t0
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(json.dumps({"wall_s": wall, "self_maxrss": self_kb * 1024, "child_maxrss": child_kb * 1024,
-                      "groups": ds.sizes["group"], "steps": ds.sizes["step"]}))
+                      "groups": ds.sizes["group"], "steps": ds.sizes["step"], "seconds": ds.attrs["seconds"],
+                      "compaction": ds.attrs["compaction"]}))
+
+
+def rerun_some(path: Path, n: int = 10) -> None:
+    """n jobs run again (attempts + 1, same data): what a --retry-failed leaves behind."""
+    from pipeline import store as st
+    from pipeline.jobs import Job, ScanSpec
+
+    root = st.open_store(path)
+    rows = np.random.default_rng(1).choice(root["jobs/status"].shape[0], n, replace=False)
+    for i in rows:
+        job = Job(job_id=str(root["jobs/job_id"][i]), index=int(i), scan=ScanSpec(id="x", source="x", task="denoise"),
+                  solver="dip", params={})
+        w = st.JobWriter(path, job)
+        w.start("cpu")
+        w.finish("done", 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +202,7 @@ def solver_speed(steps: dict[str, int] | None = None) -> dict:
     from pipeline.worker import build_problem
     from recon.solvers import run_solver
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # OpenMP threads spin under contention on a shared machine: 1 is steadier
     problem = build_problem(ScanSpec(id="cam", source="skimage:camera", task="denoise", task_params={"sigma": 25},
                                      size=64), seed=0)
     out = {}
@@ -203,9 +220,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="reuse a store built by an earlier run")
     ap.add_argument("--aggregate-only", metavar="STORE", help=argparse.SUPPRESS)
+    ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.aggregate_only:
-        return aggregate_only(args.aggregate_only, args.workers)
+        return aggregate_only(args.aggregate_only, args.workers, args.full)
     root = Path(args.dir)
     path = root / f"scale-{args.jobs}x{args.steps}.zarr"
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared)")
@@ -219,11 +237,11 @@ def main() -> None:
         files = sum(1 for _ in path.rglob("*") if _.is_file())
         print(f"  built in {took:.1f} s: {files} files, {_du(path) / 2**20:.0f} MiB")
     print(f"aggregating with {args.workers} workers ...", flush=True)
-    r = run_aggregation(path, args.workers)
-    print(f"aggregate: {r['wall_s']:.1f} s wall ({r['groups']} groups × {r['steps']} steps); peak RSS: process "
-          f"{r['self_maxrss'] / 2**20:.0f} MiB, largest worker {r['child_maxrss'] / 2**20:.0f} MiB, whole tree "
-          f"{r['tree_peak_rss'] / 2**20:.0f} MiB (goal < 60 s, < 2048 MiB); load average now "
-          f"{os.getloadavg()[0]:.1f}")
+    r = run_aggregation(path, args.workers, full=True)
+    _print_run("aggregate (full)", r)
+    rerun_some(path)
+    r = run_aggregation(path, args.workers, full=False)
+    _print_run("aggregate again after 10 jobs reran (incremental)", r)
     print(f"  compact copy: {_du(path / 'aggregate') / 2**20:.0f} MiB in "
           f"{sum(1 for _ in (path / 'aggregate').rglob('*') if _.is_file())} files")
     q = time_queries(path)
@@ -239,6 +257,15 @@ def main() -> None:
         print(f"  vs. DIP ({preset} net) 64 px denoising on this CPU: {sps:.1f} steps/s → 300 steps "
               f"{300 / sps:.0f} s, {args.steps} steps {args.steps / sps:.0f} s "
               f"(write overhead {100 * per_job / (300 / sps):.2f} % of a 300-step job)")
+
+
+def _print_run(what: str, r: dict) -> None:
+    sec = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
+    print(f"{what}: {r['wall_s']:.1f} s wall ({sec}; {r['compaction']['job_blocks_copied']} of "
+          f"{r['compaction']['job_blocks']} job blocks copied; {r['groups']} groups × {r['steps']} steps); peak RSS: "
+          f"process {r['self_maxrss'] / 2**20:.0f} MiB, largest worker {r['child_maxrss'] / 2**20:.0f} MiB, whole tree "
+          f"{r['tree_peak_rss'] / 2**20:.0f} MiB (goal < 60 s, < 2048 MiB); load average now {os.getloadavg()[0]:.1f}",
+          flush=True)
 
 
 def _du(path: Path) -> int:

@@ -47,15 +47,13 @@ def write_manifest(path: Path, steps: int, n_jobs: int) -> Path:
 
 
 def make_store(manifest_path: Path, out: Path, n_jobs: int):
-    from pipeline import store as st
-    from pipeline.manifest import load_manifest
-    from pipeline.worker import probe_shapes
+    """Create the store as `dipcohort run` does; the first n_jobs jobs."""
+    import io
 
-    m = load_manifest(manifest_path)
-    jobs, groups = st.assign_image_groups(m.jobs[:n_jobs], probe_shapes(m.scans, threads=1))
-    st.create_store(out, jobs, groups, cohort=m.cohort, manifest_text=m.text, manifest_path=m.path,
-                    metric_names=st.metric_names_for(c.solver for c in m.configs))
-    return jobs
+    from pipeline.commands.run import create_cohort_store
+    from pipeline.manifest import load_manifest
+
+    return create_cohort_store(out, load_manifest(manifest_path), stream=io.StringIO())[:n_jobs]
 
 
 def seconds_per_step() -> float:
@@ -83,7 +81,8 @@ def backend_for(name: str, workers: int):
 
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 logging_level="warning")
         return get_backend("ray", device="cpu", cpus_per_job=1)
     return get_backend("slurm", device="cpu", cpus_per_job=1, array_parallelism=workers, poll_s=0.5)
 
@@ -104,10 +103,11 @@ def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) ->
 
         ray.shutdown()
     root = zarr.open_group(str(out), mode="r")
+    rows = [j.index for j in jobs]
     fields = list(root["summary"]["values"].attrs["summary_fields"])
-    solver = root["summary/values"][:, fields.index("runtime_s")]
-    ledger = root["jobs/runtime_s"][:]
-    status = root["jobs/status"][:]
+    solver = root["summary/values"][:, fields.index("runtime_s")][rows]
+    ledger = root["jobs/runtime_s"][:][rows]
+    status = root["jobs/status"][:][rows]
     if not (status == 2).all():
         raise SystemExit(f"{name} with {workers} worker(s): not every job finished ({status.tolist()}); see {out}")
     return {"backend": name, "workers": workers, "wall": wall, "solver": float(np.mean(solver)),

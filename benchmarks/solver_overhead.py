@@ -1,14 +1,16 @@
 """Seconds per step of each network solver next to a bare PyTorch loop with the same network,
 operator and input (plain Adam on 1/2||A f(z) - y||^2, no metrics), and their ratio.
 
-    python benchmarks/solver_overhead.py [--size 64] [--steps 200] [--network skip]
+    python benchmarks/solver_overhead.py [--size 64] [--steps 100] [--network skip]
         [--device cpu|cuda] [--task denoise] [--solvers dip,es-dip,aseqdip,self-guided] [--repeats 3]
 
 The solvers run through `run_solver` exactly as a job does: PSNR every step, SSIM every
 `--ssim-every` steps (10, run_solver's default), moving variance every step, one host sync per
-step. Every solver uses the same network preset so that steps cost the same work. Timings are
-the median over `--repeats` interleaved runs after a warm-up; the figure for each run is the
-loop's own runtime (set-up excluded) divided by its steps.
+step. Every solver uses the same network preset so that steps cost the same work (its other
+settings are its defaults: aseqdip N = 2, self-guided N_eta = 4, ...). A solver's time per step
+is (run of 5 + S steps) - (run of 5 steps), divided by S, so set-up and final metrics cancel;
+on the CPU the clock is process time (steady on a shared machine), on CUDA wall time after a
+synchronize. Figures are the median over `--repeats` interleaved repeats.
 Goals: dip <= 1.05x the bare loop; aseqdip <= 1.2x dip at equal steps.
 """
 from __future__ import annotations
@@ -31,9 +33,13 @@ TASK_OPTIONS = {"denoise": {"sigma": 25}, "mri": {"acceleration": 4}, "ct": {"vi
                 "inpaint": {"hole_ratio": 0.1}}
 
 
-def sync(device: torch.device) -> None:
+def clock(device: torch.device):
+    """CPU: process time (this process's CPU seconds; steady on a shared machine, and equal to
+    wall time with one thread). CUDA: wall time after a synchronize."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
 
 
 def bare_loop(problem, network: str, steps: int, seed: int, device: torch.device, lr: float) -> float:
@@ -54,25 +60,31 @@ def bare_loop(problem, network: str, steps: int, seed: int, device: torch.device
             opt.step()
 
     run(5)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     run(steps)
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (clock(device) - t0) / steps
 
 
 def solver_step(name: str, problem, network: str, steps: int, seed: int, device: torch.device,
                 ssim_every: int) -> float:
+    """(time of a run of WARM + steps) - (time of a run of WARM steps), per step: set-up, the
+    first slow steps and the final metrics cancel; what is left is the loop's steady state."""
     params = {"network": network}
-    run_solver(name, problem, steps=5, params=params, seed=seed, device=device, ssim_every=ssim_every)  # warm-up
-    result = run_solver(name, problem, steps=steps, params=params, seed=seed, device=device, ssim_every=ssim_every)
-    return result.runtime_s / result.steps_run
+    warm = 5
+
+    def timed(n: int) -> float:
+        t0 = clock(device)
+        run_solver(name, problem, steps=n, params=params, seed=seed, device=device, ssim_every=ssim_every)
+        return clock(device) - t0
+
+    timed(warm)  # first-call costs (allocator, kernels)
+    return (timed(warm + steps) - timed(warm)) / steps
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
-    ap.add_argument("--steps", type=int, default=200, help="timed steps per run (default 200)")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
     ap.add_argument("--network", default="skip", help="network preset for every solver (default: skip, "
                     "Ulyanov et al.'s 5-scale 128-channel network)")
     ap.add_argument("--task", default="denoise", choices=sorted(TASK_OPTIONS))
@@ -80,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--solvers", default="dip,es-dip,aseqdip,self-guided,tv-dip,dip-denoiser-admm")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is shown")
     ap.add_argument("--ssim-every", type=int, default=10, help="SSIM every k steps (run_solver's default 10)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: CPU time = wall time)")
     args = ap.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = [n.strip() for n in args.solvers.split(",") if n.strip()]

@@ -207,14 +207,18 @@ def _join(msgs: list[str]) -> str:
     return "; ".join(msgs)
 
 
+_TAGS = {"bool", "int", "float", "str", "none", "constrained-int", "constrained-float", "constrained-str"}
+_TAG_PREFIXES = ("list[", "dict[", "function-", "union[", "tagged-union[", "literal[", "nullable[")
+
+
 def _loc(loc: tuple) -> str:
+    """('scans', 2, 'params', 'sigma', 'float') -> 'scans[2].params.sigma' (drops pydantic's union tags)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "union") or str(part).startswith(("function-", "list[", "int", "bool",
-                                                                               "float", "str", "dict[", "none")):
-            continue  # pydantic's internal union/validator tags
+        elif part in _TAGS or str(part).startswith(_TAG_PREFIXES):
+            continue
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -177,10 +177,11 @@ def load_image(store: str | Path, job_id: str, which: str = "final", display: bo
 
 
 def display_image(image: xr.DataArray) -> xr.DataArray:
-    """Magnitude of a 2-channel (real, imag) image, as the loop's metrics see it; else unchanged."""
+    """Magnitude of a 2-channel (real, imag) image, as the loop's metrics see it; other images
+    keep their values. The channel dimension becomes `display_channel` either way."""
     cdim = image.dims[-3]
     if image.sizes[cdim] != 2:
-        return image
+        return image.rename({cdim: "display_channel"}) if cdim != "display_channel" else image
     mag = np.sqrt((image ** 2).sum(cdim, keepdims=True))
     return mag.rename({cdim: "display_channel"}).assign_attrs(image.attrs)
 

@@ -161,7 +161,7 @@ def _create_jobs(root: zarr.Group, jobs: Sequence[Job], path: Path) -> None:
         a = g.create_array(name, shape=(n,), chunks=whole, dtype=str, fill_value="", dimension_names=("job",))
         a[:] = np.asarray(values[name], dtype=object).astype(str)
     ints = {"seed": [j.seed for j in jobs], "steps": [j.steps for j in jobs],
-            "image_index": [j.image_index for j in jobs]}
+            "image_index": [j.image_index if j.image_group else -1 for j in jobs]}
     for name in INT_COORDS:
         a = g.create_array(name, shape=(n,), chunks=whole, dtype="int64", fill_value=-1, dimension_names=("job",))
         a[:] = np.asarray(ints[name], dtype=np.int64)
@@ -188,6 +188,48 @@ def _create_images(root: zarr.Group, jobs: Sequence[Job], groups: dict[str, Imag
         ji = g.create_array("job_index", shape=(k,), chunks=(max(k, 1),), dtype="int64", fill_value=-1,
                             dimension_names=("image",))
         ji[:] = np.asarray(rows, dtype=np.int64)
+
+
+def place_late_jobs(path: str | Path, jobs: Sequence[Job], shapes: dict[str, ImageShape]) -> list[Job]:
+    """Give image rows to jobs created without one (their scan could not be loaded then).
+
+    Driver only, before workers start: grows (or creates) the image groups and rewrites the
+    `image_group` / `image_index` coordinates. Returns the jobs with their new places.
+    """
+    from dataclasses import replace
+
+    root = open_store(path, mode="r+")
+    images = root["images"]
+    groups_attr = list(root.attrs["image_groups"])
+    coord_group, coord_index = root["jobs/image_group"][:].astype(object), root["jobs/image_index"][:]
+    out = []
+    for job in jobs:
+        shape = shapes[job.scan.id]
+        name = shape.group
+        if name in images and _group_shape(images[name]) != shape:
+            name = f"{name}_d{shape.display_channels}"
+        if name not in images:
+            _create_images(root, [replace(job, image_group=name)], {name: shape})
+            row = 0
+        else:
+            g = images[name]
+            row = g["job_index"].shape[0]
+            for arr in (*IMAGE_ARRAYS, "job_index"):
+                g[arr].resize((row + 1, *g[arr].shape[1:]))
+            g["job_index"][row] = job.index  # job_index has one chunk: the driver rewrites it whole
+        if name not in groups_attr:
+            groups_attr.append(name)
+        coord_group[job.index], coord_index[job.index] = name, row
+        out.append(replace(job, image_group=name, image_index=row))
+    root["jobs/image_group"][:] = coord_group.astype(str)
+    root["jobs/image_index"][:] = coord_index
+    root.attrs["image_groups"] = sorted(groups_attr)
+    return out
+
+
+def _group_shape(g: zarr.Group) -> ImageShape:
+    a = g.attrs
+    return ImageShape(int(a["channels"]), int(a["display_channels"]), int(a["height"]), int(a["width"]))
 
 
 def package_versions() -> dict[str, str]:

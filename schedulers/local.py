@@ -128,7 +128,8 @@ class _Pool:
                 self._start(slot)
                 self._assign(slot)
             while self.running:
-                ready = set(wait([self.conns[s] for s in self.running] + [self.procs[s].sentinel for s in self.running]))
+                busy = list(self.running)
+                ready = set(wait([self.conns[s] for s in busy] + [self.procs[s].sentinel for s in busy]))
                 for slot in list(self.running):
                     if self.conns[slot] in ready:
                         try:

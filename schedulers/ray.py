@@ -2,8 +2,11 @@
 
 Each task asks Ray for explicit `num_cpus` and `num_gpus` (fractional GPUs pack several small
 reconstructions on one device; torch's per-process memory fraction is set to match). At most
-`max_in_flight` tasks exist at a time (default 2 x the cluster's job slots), so a cohort of
-thousands of jobs never becomes thousands of pending tasks; a `ray.wait` loop collects results.
+`max_in_flight` tasks exist at a time (default 2 x the cluster's job slots; `--workers N` > 1
+runs at most N at once), so a cohort of thousands of jobs never becomes thousands of pending
+tasks; a `ray.wait` loop collects results. Connecting to a running cluster (`--ray-address`)
+ships the recon, pipeline and schedulers packages with the job (runtime_env py_modules), so the
+nodes need the dependencies (torch, zarr, ...) but not this code.
 
 Failures: the worker records exceptions inside a job itself (status 'failed', not retried).
 A worker process that dies (killed, node lost) is retried by Ray up to `max_retries` times;
@@ -14,7 +17,7 @@ torch's message.
 from __future__ import annotations
 
 import math
-import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +34,8 @@ def _run_task(job: Job, store_path: str, device: str | None, num_cpus: float, nu
     import torch
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    if device is None:  # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted this task
+    if device is None or str(device).startswith("cuda"):
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted this task: it is cuda:0 in here
         device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     on_gpu = str(device).startswith("cuda")
     if on_gpu and 0 < num_gpus < 1:
@@ -49,13 +53,15 @@ class RayBackend(Backend):
 
     def __init__(self, device: str | None = None, address: str | None = None, cpus_per_job: float | None = None,
                  gpus_per_job: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
-                 max_in_flight: int | None = None, **options: Any):
+                 max_in_flight: int | None = None, ship_code: bool = True, workers: int = 1, **options: Any):
         super().__init__(device=device, **options)
         self.address = address
         self.cpus_per_job = cpus_per_job
         self.gpus_per_job = gpus_per_job
         self.max_retries = int(max_retries)
         self.max_in_flight = max_in_flight
+        self.ship_code = bool(ship_code)
+        self.workers = int(workers)  # > 1: at most this many jobs at once (`--workers`)
         for name, value in (("cpus_per_job", cpus_per_job), ("gpus_per_job", gpus_per_job)):
             if value is not None and float(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -66,6 +72,9 @@ class RayBackend(Backend):
         gpus = float(self.gpus_per_job if self.gpus_per_job is not None else job.resources.gpus)
         if self.device == "cpu":
             gpus = 0.0
+        elif self.device and self.device.startswith("cuda") and gpus <= 0:
+            raise ValueError(f"--device {self.device} on Ray needs GPUs per job (--gpus-per-job, e.g. 1 or 0.25): "
+                             f"Ray only shows a task the GPUs it granted")
         if gpus > 1 and gpus != int(gpus):
             raise ValueError(f"job {job.job_id}: gpus {gpus} - fractions are only allowed below 1 GPU")
         return max(cpus, 0.0), gpus
@@ -98,12 +107,17 @@ class RayBackend(Backend):
             return False
         # task output goes to each job's log file, not interleaved into the driver's terminal
         if self.address:
-            ray.init(address=self.address, log_to_driver=False, logging_level="warning")
+            # the cluster's nodes may not have this code: ship the three packages with the job
+            env = {"py_modules": _packages()} if self.ship_code else None
+            ray.init(address=self.address, log_to_driver=False, logging_level="warning", runtime_env=env)
         else:
             import torch
 
-            ray.init(num_cpus=_cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
-                     log_to_driver=False, logging_level="warning")
+            from schedulers.local import cpu_count
+
+            # address="local": a new cluster even if `ray start` left one running on this machine
+            ray.init(address="local", num_cpus=cpu_count(), num_gpus=torch.cuda.device_count(),
+                     include_dashboard=False, log_to_driver=False, logging_level="warning")
         return True
 
     # ---- run -------------------------------------------------------------------------------
@@ -123,7 +137,7 @@ class RayBackend(Backend):
         import ray
 
         task = ray.remote(_run_task)
-        limit = self.max_in_flight or 2 * self._slots(jobs)
+        limit = self.max_in_flight or (self.workers if self.workers > 1 else 2 * self._slots(jobs))
         queue = iter(jobs)
         in_flight: dict[Any, Job] = {}
         try:
@@ -162,22 +176,34 @@ class RayBackend(Backend):
                       f"({type(err).__name__}): {_first_line(err)}")
         except rex.TaskCancelledError as err:
             reason = f"Ray task cancelled: {_first_line(err)}"
-        except rex.RayError as err:
-            reason = f"Ray error ({type(err).__name__}): {_first_line(err)}"
+        except rex.RayError as err:  # e.g. the task could not be unpickled or imported on the node
+            reason = f"Ray error ({type(err).__name__}): {_last_line(err)}\n{_plain(err)}"
         record_lost(job, store_path, reason)
         return "failed"
 
 
+def _plain(err: BaseException) -> str:
+    """The exception's text without the terminal colour codes Ray puts in it."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    text = _plain(err).splitlines()
     return text[0] if text else type(err).__name__
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def _last_line(err: BaseException) -> str:
+    """The innermost error of a Ray traceback (e.g. 'ModuleNotFoundError: ...')."""
+    lines = [line for line in _plain(err).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
+
+
+def _packages() -> list:
+    import pipeline
+    import recon
+    import schedulers
+
+    return [recon, pipeline, schedulers]
 
 
 def add_arguments(group) -> None:

@@ -8,10 +8,11 @@ was running continues from its solver checkpoint (`<STORE>.work/checkpoints/<job
 written every `checkpoint_every` steps by the solver loop), so it ends with the same numbers
 as an uninterrupted run.
 
-Arrays are split at the cluster's MaxArraySize; jobs with different resource requests go into
-different arrays. The submitit folder lives in `<STORE>.work/slurm/` (on the output's file
-system, which every node must see); every job's log (`logs/<job_id>.log`) names the Slurm
-task and its submitit stdout/stderr, and `logs/<job_id>.slurm.out|err` link to them.
+Arrays are split at the cluster's MaxArraySize, sharing `--array-parallelism` between them
+(Slurm's %N cap applies to one array); jobs with different resource requests go into different
+arrays, each group with its own cap. The submitit folder lives in `<STORE>.work/slurm/` (on the
+output's file system, which every node must see); every job's log (`logs/<job_id>.log`) names
+the Slurm task and its submitit stdout/stderr, and `logs/<job_id>.slurm.out|err` link to them.
 
 Without `--no-wait` the driver polls the ledger for progress; when the arrays have left the
 queue, jobs that never recorded an outcome are marked failed with the reason.
@@ -57,10 +58,11 @@ class ChunkTask:
     `checkpoint` method), without importing submitit when this module is imported.
     """
 
-    def __init__(self, store_path: str, device: str | None, before: dict[str, tuple[str, int]]):
+    def __init__(self, store_path: str, device: str | None, before: dict[str, tuple[int, int]]):
         self.store_path = store_path
-        self.device = device
-        # ledger (status, attempts) of each job at submission: an outcome recorded after that
+        # Slurm shows a task only the GPUs it granted (CUDA_VISIBLE_DEVICES): 'cuda:K' means 'cuda' there
+        self.device = "cuda" if device and device.startswith("cuda") else device
+        # ledger (status code, attempts) of each job at submission: an outcome recorded after that
         # belongs to this submission, and a restarted task does not run that job again
         self.before = before
 
@@ -73,7 +75,7 @@ class ChunkTask:
         torch.set_num_threads(max(1, threads))
         outcomes: dict[str, str] = {}
         now = snapshot(self.store_path, jobs)
-        before = Snapshot({job.index: _code_attempts(self.before.get(job.job_id)) for job in jobs})
+        before = Snapshot({job.index: tuple(self.before.get(job.job_id, (0, 0))) for job in jobs})
         for job in jobs:
             done = ended_since(before, now, job)
             if done:  # recorded before a requeue of this task
@@ -90,13 +92,6 @@ class ChunkTask:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, jobs)
-
-
-def _code_attempts(entry: tuple[str, int] | None) -> tuple[int, int]:
-    from pipeline.jobs import STATUS_CODES
-
-    status, attempts = entry or ("pending", 0)
-    return STATUS_CODES[status], attempts
 
 
 def _link_logs(store_path: str, job: Job, env: Any) -> None:
@@ -169,13 +164,16 @@ class SlurmBackend(Backend):
 
     def __init__(self, device: str | None = None, partition: str | None = None, gpus_per_job: float | None = None,
                  cpus_per_job: int | None = None, mem_gb: float | None = None, time_min: float | None = None,
-                 array_parallelism: int = DEFAULT_ARRAY_PARALLELISM, jobs_per_task: int = 1,
+                 array_parallelism: int | None = None, jobs_per_task: int = 1,
                  sbatch: dict[str, Any] | None = None, wait: bool = True, checkpoint_every: int | None = None,
-                 poll_s: float = POLL_S, **options: Any):
+                 poll_s: float = POLL_S, workers: int = 1, **options: Any):
         super().__init__(device=device, **options)
         self.partition = partition
         self.gpus_per_job, self.cpus_per_job = gpus_per_job, cpus_per_job
         self.mem_gb, self.time_min = mem_gb, time_min
+        # `--workers N` (N > 1) also caps the array tasks running at once, unless given explicitly
+        if array_parallelism is None:
+            array_parallelism = int(workers) if int(workers) > 1 else DEFAULT_ARRAY_PARALLELISM
         self.array_parallelism = int(array_parallelism)
         self.jobs_per_task = int(jobs_per_task)
         self.sbatch = dict(sbatch or {})
@@ -257,28 +255,35 @@ class SlurmBackend(Backend):
         for job in jobs:
             groups.setdefault(self._request(job), []).append(job)
         limit = max_array_size()
-        entry = {job.job_id: before.of(job) for job in jobs}
+        entry = {job.job_id: before.rows.get(job.index, (0, 0)) for job in jobs}
         submitted: dict[str, str] = {}
         for request, members in groups.items():
             chunks = [members[i:i + self.jobs_per_task] for i in range(0, len(members), self.jobs_per_task)]
+            parts = [chunks[i:i + limit] for i in range(0, len(chunks), limit)]
             ex = self._executor(folder, request, len(chunks[0]), cohort)
-            for start in range(0, len(chunks), limit):
-                part = chunks[start:start + limit]
+            caps = split_parallelism(self.array_parallelism, len(parts))
+            ids: list[str] = []
+            for k, part in enumerate(parts):
+                extra = dict(ex.parameters.get("additional_parameters") or {})
+                extra.pop("dependency", None)
+                if k >= self.array_parallelism:  # more arrays than the cap: wait for an earlier one to end
+                    extra["dependency"] = f"afterany:{ids[k - self.array_parallelism]}"
+                ex.update_parameters(array_parallelism=caps[k], additional_parameters=extra)
                 members_part = [j for c in part for j in c]
                 task = ChunkTask(store_path, self.device, {j.job_id: entry[j.job_id] for j in members_part})
                 try:
                     handles = ex.map_array(task, part)
                 except Exception as err:  # noqa: BLE001 - sbatch's refusal, said plainly
                     raise SlurmError(f"sbatch refused the array: {err}") from None
-                slurm_id = handles[0].job_id.split("_")[0]
-                submitted.update({j.job_id: slurm_id for j in members_part})
-                self._record(folder, slurm_id, before, members_part)
+                ids.append(handles[0].job_id.split("_")[0])
+                submitted.update({j.job_id: ids[-1] for j in members_part})
+                self._record(folder, ids[-1], before, members_part)
         return submitted
 
     @staticmethod
     def _record(folder: Path, slurm_id: str, before: Snapshot, jobs: list[Job]) -> None:
         """Append to submissions.jsonl: the Slurm job and each job's ledger entry at submission."""
-        entries = {j.job_id: list(before.rows.get(j.index, (0, 0))) for j in jobs}
+        entries = {j.job_id: list(before.rows.get(j.index, (0, 0))) for j in jobs}  # (status code, attempts)
         with (folder / "submissions.jsonl").open("a") as fh:
             fh.write(json.dumps({"slurm_job": slurm_id, "submitted": time.time(), "jobs": entries}) + "\n")
 
@@ -341,6 +346,17 @@ class SlurmBackend(Backend):
                                      f"out of time or memory, node failure); see the submitit logs "
                                      f"{work_dir(store_path) / 'slurm'}/{slurm_id}_*")
         return "failed"
+
+
+def split_parallelism(total: int, arrays: int) -> list[int]:
+    """Per-array task caps (Slurm's %N applies to one array) that add up to `total`.
+
+    With more arrays than `total`, each gets 1 and arrays beyond the first `total` are made to
+    wait for an earlier one (see `_submit`), so at most `total` tasks run at once either way.
+    """
+    if arrays <= total:
+        return [total // arrays + (1 if k < total % arrays else 0) for k in range(arrays)]
+    return [1] * arrays
 
 
 def _source_root() -> Path:

@@ -12,6 +12,7 @@ CONF_DIR=/etc/slurm
 PARTITION=debug
 WAIT_S=${SLURM_LOCAL_WAIT_S:-60}
 PKGS=(slurmctld slurmd slurm-client munge)
+MARKER="# Written by scripts/slurm-local.sh"
 
 log() { echo "slurm-local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -54,7 +55,7 @@ write_config() {
   mkdir -p "$CONF_DIR" "$STATE"/{ctld,d,log,run}
   tmp=$(mktemp)
   cat >"$tmp" <<EOF
-# Written by scripts/slurm-local.sh: a single-node test cluster (root-only, no cgroups, no accounting).
+$MARKER: a single-node test cluster (root-only, no cgroups, no accounting).
 ClusterName=dipcohort-local
 SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=root
@@ -87,7 +88,8 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 JobRequeue=1
-MaxArraySize=1001
+# tiny on purpose: the tests' cohorts (4 jobs) get split into several arrays (real clusters: 1001+)
+MaxArraySize=3
 MaxJobCount=100000
 # a killed or requeued job gets SIGTERM, then SIGKILL this many seconds later (default 30)
 KillWait=2
@@ -177,6 +179,13 @@ case "${1:-}" in
   up)
     need_root
     t0=$(date +%s)
+    if [ -f "$CONF_DIR/slurm.conf" ] && ! grep -q "^$MARKER" "$CONF_DIR/slurm.conf"; then
+      # a real Slurm installation: never overwrite its configuration
+      if command -v sinfo >/dev/null && sinfo -h -o '%a' 2>/dev/null | grep -q '^up'; then
+        log "a Slurm configured elsewhere ($CONF_DIR/slurm.conf) is up: using it"; sinfo; exit 0
+      fi
+      die "$CONF_DIR/slurm.conf was not written by this script and its cluster is not up; not touching it"
+    fi
     install_packages
     CONFIG_CHANGED=0
     write_config

@@ -38,17 +38,13 @@ def write_manifest(path: Path, *, steps: int = 100, seeds=(0, 1), scans: dict[st
 
 
 def make_store(manifest_path: Path, out: Path) -> list[Job]:
-    """Create the store as the driver does (every array, nothing run); returns the placed jobs."""
-    from pipeline import store as st
-    from pipeline.manifest import load_manifest
-    from pipeline.worker import probe_shapes
+    """Create the store as `dipcohort run` does (every array, nothing run); returns the placed jobs."""
+    import io
 
-    manifest = load_manifest(manifest_path)
-    shapes = probe_shapes(manifest.scans, threads=1)
-    jobs, groups = st.assign_image_groups(manifest.jobs, shapes)
-    st.create_store(out, jobs, groups, cohort=manifest.cohort, manifest_text=manifest.text,
-                    manifest_path=manifest.path, metric_names=st.metric_names_for(c.solver for c in manifest.configs))
-    return jobs
+    from pipeline.commands.run import create_cohort_store
+    from pipeline.manifest import load_manifest
+
+    return create_cohort_store(out, load_manifest(manifest_path), stream=io.StringIO())
 
 
 _REFERENCES: dict[tuple, Path] = {}

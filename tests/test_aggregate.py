@@ -49,7 +49,7 @@ def groups_of(fab):
 
 def test_blocks_really_were_small(fab):
     arr = zarr.open_group(str(fab.path))["aggregate/compact/metrics"]
-    assert arr.chunks == (8, len(sf.METRIC_NAMES), 32)
+    assert arr.chunks == (8, 1, 32)
 
 
 def test_per_step_statistics_equal_numpy(fab, agg):
@@ -94,6 +94,17 @@ def test_table2_columns(fab, agg):
     diverged_group = agg.sel(group="denoise/dip")
     finals = fab.column("final_psnr")[[0, 6, 13]]
     assert np.isnan(finals[1]) and float(diverged_group.final_psnr_mean) == pytest.approx(finals[[0, 2]].mean())
+
+
+def test_nan_quantiles_equal_numpy():
+    rng = np.random.default_rng(3)
+    for shape in ((40, 17), (1, 6), (2, 3), (301, 64)):
+        v = rng.normal(size=shape)
+        v[rng.random(shape) < 0.4] = np.nan
+        v[0] = rng.normal(size=shape[1])           # every column keeps a finite value
+        v[:, 0] = 5.0                               # ties
+        q = (0.5, 0.1, 0.9, 0.0, 1.0, 0.37)
+        np.testing.assert_array_equal(ag.nan_quantiles(v, q), np.nanquantile(v, q, axis=0))
 
 
 def test_overfitting_onset_on_a_known_curve():
@@ -143,7 +154,8 @@ def test_compaction_preserves_values_exactly(fab):
 def test_rerun_replaces_the_aggregate_and_staleness_is_detected(fab, tmp_path):
     path = tmp_path / "copy.zarr"
     shutil.copytree(fab.path, path)
-    zarr.open_group(str(path))["aggregate"].create_array("leftover", shape=(1,), dtype="int8")
+    zarr.open_group(str(path))["aggregate/stats"].create_array("leftover", shape=(1,), dtype="int8",
+                                                            dimension_names=("leftover",))
     pending = fab.jobs[7]
     w = st.JobWriter(path, pending)                # the pending job runs after the aggregation
     w.start("cpu")
@@ -153,8 +165,13 @@ def test_rerun_replaces_the_aggregate_and_staleness_is_detected(fab, tmp_path):
         open_aggregate(path)
     with pytest.warns(StaleAggregateWarning):
         assert open_results(path).attrs["read_from"] == "live"
-    ag.aggregate(path, scheduler="processes", workers=2)
-    assert "leftover" not in zarr.open_group(str(path))["aggregate"]
+    again = ag.aggregate(path, scheduler="processes", workers=2)
+    # only the block of 8 jobs holding row 7 was copied again; the stats were replaced
+    assert again.attrs["compaction"] == {"mode": "incremental", "job_blocks": 5, "job_blocks_copied": 1}
+    root = zarr.open_group(str(path))
+    assert "leftover" not in root["aggregate/stats"]
+    assert np.array_equal(root["aggregate/compact/metrics"][:], root["metrics/values"][:], equal_nan=True)
+    assert list(root["aggregate/compact/ledger/status"][:]) == list(root["jobs/status"][:])
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleAggregateWarning)
         again = open_aggregate(path)
@@ -164,7 +181,7 @@ def test_rerun_replaces_the_aggregate_and_staleness_is_detected(fab, tmp_path):
     assert int(after.n_done) == int(before.n_done) + 1 and int(after.n_unfinished) == 1
     assert int(after.psnr_count.isel(step=0)) == 4
     rows = [0, 6, 7, 13]
-    psnr = zarr.open_group(str(path))["metrics/values"][rows, sf.METRIC_NAMES.index("psnr"), :].astype(np.float64)
+    psnr = root["metrics/values"][rows, sf.METRIC_NAMES.index("psnr"), :].astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         np.testing.assert_allclose(after.psnr_mean.values, np.nanmean(psnr, 0), rtol=1e-12)
@@ -173,6 +190,27 @@ def test_rerun_replaces_the_aggregate_and_staleness_is_detected(fab, tmp_path):
     for name in ("psnr_median", "ssim_mean", "final_psnr_mean", "peak_ssim_mean"):
         np.testing.assert_array_equal(again[name].sel(group="mri/dip").values,
                                       open_aggregate(fab.path)[name].sel(group="mri/dip").values)
+    # a full rebuild replaces the whole group and gives the same statistics
+    root["aggregate"].create_array("leftover", shape=(1,), dtype="int8")
+    rebuilt = ag.aggregate(path, full=True)
+    assert rebuilt.attrs["compaction"]["mode"] == "full" and "leftover" not in zarr.open_group(str(path))["aggregate"]
+    for name in ("psnr_mean", "ssim_q10", "final_psnr_std", "onset_step"):
+        np.testing.assert_array_equal(rebuilt[name].values, again[name].values)
+
+
+def test_a_job_failing_again_is_noticed(fab, tmp_path):
+    """Same status, one more attempt: the compact copy is stale and its block is copied again."""
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(fab.path, path)
+    w = st.JobWriter(path, fab.jobs[1])            # the failed job, retried, fails again
+    w.start("cpu")
+    w.finish("failed", 0.5, error="ValueError: second failure")
+    assert ag.live_fingerprint(zarr.open_group(str(path))) != open_aggregate(fab.path).attrs["ledger_fingerprint"]
+    again = ag.aggregate(path)
+    assert again.attrs["compaction"]["job_blocks_copied"] == 1
+    ds = open_results(path)
+    assert ds.attrs["read_from"] == "compact" and ds.error.values[1] == "ValueError: second failure"
+    assert ds.attempts.values[1] == 2
 
 
 def test_an_interrupted_aggregate_is_not_used(fab, tmp_path):

@@ -111,6 +111,8 @@ def test_errors_name_file_field_and_expectation(tmp_path):
     assert "steeps" in msg and "Extra inputs are not permitted" in msg
     msg = error_of(tmp_path, BASE.replace("{network: tiny}}", "{network: tiny, lr: fast}}"))
     assert "solvers[0].params.lr: expected a number" in msg
+    msg = error_of(tmp_path, BASE.replace("{network: tiny}}", "{network: tiny, input: {a: 1}}}"))
+    assert "solvers[0].params.input: Input should be a valid boolean or" in msg and "{'a': 1}" in msg
     msg = error_of(tmp_path, BASE.replace("{network: tiny}}", "{network: tiny, depth: 3}}"))
     assert "solvers[0].params: unknown field(s) depth" in msg
     msg = error_of(tmp_path, BASE.replace("name: dip", "name: dipp"))

@@ -26,7 +26,8 @@ def _slurm_up() -> str | None:
         return "sinfo timed out: slurmctld is not reachable (scripts/slurm-local.sh up)"
     states = [line.split() for line in out.stdout.splitlines() if line.strip()]
     if out.returncode != 0 or not any(s[0] == "up" and s[1].rstrip("*") in ("idle", "mix", "alloc") for s in states):
-        return f"no Slurm partition is up (sinfo: {out.stdout.strip() or out.stderr.strip()}); run scripts/slurm-local.sh up"
+        said = out.stdout.strip() or out.stderr.strip()
+        return f"no Slurm partition is up (sinfo: {said}); run scripts/slurm-local.sh up"
     return None
 
 
@@ -42,7 +43,7 @@ def _submissions(out) -> list[dict]:
 
 
 def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
-    from schedulers.slurm import active_jobs
+    from schedulers.slurm import active_jobs, max_array_size
 
     manifest = sc.write_manifest(tmp_path / "cohort.yaml", steps=120)
     reference = sc.reference_store(manifest, tmp_path)
@@ -50,10 +51,14 @@ def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
     common = ("--out", str(out), "--backend", "slurm", "--device", "cpu", "--progress", "plain")
     submit = sc.cli("run", str(manifest), *common, "--no-wait", "--array-parallelism", "2", "--cpus-per-job", "1")
     assert "not waiting" in submit.stderr
-    (record,) = _submissions(out)
-    assert len(record["jobs"]) == 4
-    # returned at submission: the array is still in the queue (each task needs seconds to start python)
-    assert active_jobs([record["slurm_job"]]) == {record["slurm_job"]}
+    records = _submissions(out)
+    # arrays are split at MaxArraySize (3 on scripts/slurm-local.sh's cluster: arrays of 3 and 1 jobs)
+    limit = max_array_size()
+    assert len(records) == -(-4 // limit)
+    assert sorted(len(r["jobs"]) for r in records) == sorted([min(limit, 4 - i) for i in range(0, 4, limit)])
+    slurm_ids = {r["slurm_job"] for r in records}
+    # returned at submission: the arrays are still in the queue (each task needs seconds to start python)
+    assert active_jobs(sorted(slurm_ids)) == slurm_ids
     status = sc.cli("status", str(out)).stdout
     counts = dict(re.findall(r"(pending|running|done|failed|diverged) (\d+)", status))
     assert "4 jobs" in status and int(counts["pending"]) + int(counts["running"]) > 0
@@ -61,7 +66,7 @@ def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
     # a rerun while the array is queued submits nothing new and waits for the queued jobs
     follow = sc.cli("run", str(manifest), *common, "-o", "poll_s=1")
     assert "still queued or running from an earlier submission" in follow.stderr
-    assert len(_submissions(out)) == 1
+    assert len(_submissions(out)) == len(records)
     assert "done 4" in follow.stdout
     assert set(sc.statuses(out).values()) == {"done"}
     assert set(sc.attempts(out).values()) == {1}
@@ -69,10 +74,19 @@ def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
     # each job's log names its Slurm task; logs/<job>.slurm.out links to submitit's stdout
     from pipeline.store import log_path
 
+    array_of = {job_id: r["slurm_job"] for r in records for job_id in r["jobs"]}
     for job_id in sc.statuses(out):
-        assert f"slurm: job {record['slurm_job']}_" in sc.log_text(out, job_id)
+        assert f"slurm: job {array_of[job_id]}" in sc.log_text(out, job_id)
         linked = log_path(out, job_id).with_suffix(".slurm.out")
         assert linked.is_symlink() and f"job {job_id}: done" in linked.read_text()
+
+
+def test_split_parallelism_caps_add_up():
+    from schedulers.slurm import split_parallelism
+
+    assert split_parallelism(256, 1) == [256]
+    assert split_parallelism(5, 2) == [3, 2]
+    assert split_parallelism(2, 3) == [1, 1, 1]   # the third array waits for the first (dependency)
 
 
 def test_requeued_task_resumes_from_checkpoint_with_same_numbers(tmp_path):

@@ -5,7 +5,6 @@ on a shared 2-core machine; quality is checked in test_solvers_quality.py.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -202,6 +201,18 @@ def test_classical_tv_matches_scikit_image_on_denoising(denoise):
                                            eps=1e-8, max_num_iter=2000)
     assert np.abs(res.image[0, 0].numpy() - ref).max() < 5e-3
     assert res.history["loss"][-1] < res.history["loss"][0]
+
+
+def test_pnp_admm_with_the_tv_prox_solves_the_tv_problem(ct):
+    """ADMM with prox_{alpha TV / rho} and PDHG minimise the same 1/2||Ax - y||^2 + alpha TV(x)."""
+    w = 0.05
+    objective = lambda x: float(ct.data_fidelity(x) + w * tv_norm(x))  # noqa: E731
+    pdhg = run_solver("tv", ct, steps=1000, params={"alpha": w}, device="cpu", ssim_every=0)
+    admm = run_solver("pnp-admm", ct, steps=50, params={"denoiser": "tv", "strength": w}, device="cpu",
+                      ssim_every=0)
+    assert objective(admm.image) == pytest.approx(objective(pdhg.image), rel=1e-4)
+    assert objective(pdhg.image) < objective(ct.fbp_image())
+    assert float((admm.image - pdhg.image).abs().max()) < 1e-2
 
 
 def test_conjugate_gradient_solves_a_spd_system():

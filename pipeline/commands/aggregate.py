@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="Dask workers (default: all CPUs)")
     p.add_argument("--scheduler", choices=("threads", "processes", "synchronous"), default=None,
                    help="Dask scheduler (default: processes from 2,000 jobs on, threads below)")
+    p.add_argument("--full", action="store_true",
+                   help="rebuild the compact copy from scratch (default: copy only jobs that ran since)")
     p.set_defaults(func=main)
 
 
@@ -26,15 +28,21 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     t0 = time.perf_counter()
     try:
-        ds = aggregate(args.store, workers=args.workers, scheduler=args.scheduler)
+        ds = aggregate(args.store, workers=args.workers, scheduler=args.scheduler, full=args.full)
     except StoreError as err:
         raise UsageError(str(err)) from None
     counted = int(ds.n_done.sum() + ds.n_diverged.sum())
     print(f"wrote {args.store}/aggregate in {time.perf_counter() - t0:.1f} s: statistics of {counted} of "
           f"{int(ds.n_jobs.sum())} jobs (done and diverged) in {ds.sizes['group']} task × solver groups over "
-          f"{ds.sizes['step']} steps, and a compact copy of the per-job data")
+          f"{ds.sizes['step']} steps; compact copy: {_compaction(ds.attrs['compaction'])}")
     unfinished = int(ds.n_unfinished.sum())
     if unfinished:
         print(f"note: {unfinished} jobs are pending or running; aggregate again when they finish")
     print_table(table_rows(ds), wide_console(), columns=("Task", "Solver", "Jobs", "Final PSNR", "Final SSIM", "Onset step"))
     return 0
+
+
+def _compaction(info: dict) -> str:
+    if info["mode"] == "full":
+        return f"all {info['job_blocks']} blocks of jobs copied"
+    return f"{info['job_blocks_copied']} of {info['job_blocks']} blocks of jobs copied again (jobs ran since)"

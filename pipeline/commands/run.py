@@ -80,9 +80,24 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.dry_run:
         return dry_run(args.manifest, args.out)
+    _check_device(args.device)
     counts = run_cohort(args.manifest, args.out, backend=args.backend, options=backend_options(args),
                         resume=args.resume, retry_failed=args.retry_failed, progress=args.progress)
     return 1 if counts.get("failed") else 0
+
+
+def _check_device(device: str | None) -> None:
+    """Fail once at the start rather than in every job."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:K") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +130,8 @@ def run_cohort(manifest_path: str | Path, out: str | Path, *, backend: str = "lo
         jobs = create_cohort_store(out, manifest, stream)
     root = st.open_store(out)
     todo = st.jobs_to_run(root, jobs, retry_failed=retry_failed)
+    if any(not j.image_group for j in todo):
+        todo = _place_late(out, todo, stream)
     print(f"{len(todo)} of {len(jobs)} jobs to run on backend {backend}", file=stream)
     reporter = make_progress(progress)
     t0 = time.monotonic()
@@ -164,7 +181,29 @@ def create_cohort_store(out: str | Path, manifest, stream=None) -> list[Job]:
     return jobs
 
 
-def _probe(manifest, stream) -> tuple[dict, dict[str, str]]:
+def _place_late(out: Path, todo: list[Job], stream) -> list[Job]:
+    """Retrying jobs whose scan could not be loaded at creation: load it now and give it image rows."""
+    from pipeline import store as st
+    from pipeline.worker import probe_shapes
+
+    late = [j for j in todo if not j.image_group]
+    shapes, errors = {}, {}
+    for scan in {j.scan.id: j.scan for j in late}.values():
+        try:
+            shapes.update(probe_shapes([scan], threads=1))
+        except Exception as err:  # noqa: BLE001 - still broken: stays failed, with today's error
+            errors[scan.id] = f"{type(err).__name__}: {err}"
+            print(f"warning: scan {scan.id}: {errors[scan.id]} (its jobs stay failed)", file=stream)
+    placed = {j.job_id: j for j in st.place_late_jobs(out, [j for j in late if j.scan.id in shapes], shapes)}
+    if errors:
+        root = st.open_store(out, mode="r+")
+        for job in late:
+            if job.scan.id in errors:
+                root["jobs/error"][job.index] = f"scan could not be loaded: {errors[job.scan.id]}"
+    return [placed.get(j.job_id, j) for j in todo if j.image_group or j.job_id in placed]
+
+
+def _probe(manifest, stream, dry: bool = False) -> tuple[dict, dict[str, str]]:
     """Image shape per loadable scan, and the load error of each scan that is not."""
     from pipeline.worker import probe_shapes
 
@@ -178,7 +217,8 @@ def _probe(manifest, stream) -> tuple[dict, dict[str, str]]:
             except Exception as err:  # noqa: BLE001
                 errors[scan.id] = f"{type(err).__name__}: {err}"
     for scan_id, err in errors.items():
-        print(f"warning: scan {scan_id}: {err} (its jobs are recorded as failed)", file=stream)
+        print(f"warning: scan {scan_id}: {err} (its jobs {'would be' if dry else 'are'} recorded as failed)",
+              file=stream)
     return shapes, errors
 
 
@@ -208,15 +248,16 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
     manifest = load_manifest(manifest_path)
     jobs = manifest.jobs
     out = Path(out)
+    seeds = sorted({len(c.seeds) for c in manifest.configs})
     print(f"cohort {manifest.cohort!r}: {len(manifest.scans)} scans × {len(manifest.configs)} solver "
-          f"configurations × seeds = {len(jobs)} jobs", file=stream)
+          f"configurations × {'/'.join(map(str, seeds))} seed(s) = {len(jobs)} jobs", file=stream)
     if _is_store(out):
         placed = _reopen(out, manifest, st)
         todo = st.jobs_to_run(st.open_store(out), placed)
         print(f"{out} exists: {len(todo)} of {len(jobs)} jobs still to run (failed ones only with --retry-failed)",
               file=stream)
     _print_resources(manifest, stream)
-    shapes, errors = _probe(manifest, stream)
+    shapes, errors = _probe(manifest, stream, dry=True)
     ok = [j for j in jobs if j.scan.id in shapes]
     if ok:
         placed, groups = st.assign_image_groups(ok, shapes)

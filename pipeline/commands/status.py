@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.store import StoreError, ledger_table, open_store
+    from pipeline.store import StoreError, open_store
 
     try:
         root = open_store(args.store)

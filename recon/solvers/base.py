@@ -144,7 +144,8 @@ class Solver:
                 "extra": self.extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+        # a generator's state is a CPU ByteTensor for every device (map_location may have moved it)
+        self.generator.set_state(state["generator"].cpu())
         self.last_image = state["last_image"]
         self.load_extra_state(state["extra"])
 

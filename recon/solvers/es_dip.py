@@ -18,7 +18,9 @@ class ESDIPParams(DIPParams):
     early_stop: bool = True
     variance_window: int = 100   # W = 100: Wang et al. (ES-WMV defaults), CT chapter Sec. 4.1 / Alg. 2
     patience: int = 1000         # p = 1000: Wang et al. defaults, as the CT chapter's experiments use
-    es_delta: float = 1.0        # delta of Alg. 2: any decrease is a new best (Wang et al. ES-WMV)
+    # delta of Alg. 2 (no value in the chapter): 1 = any decrease is a new best, ES-WMV's "VAR stops
+    # decreasing" rule; the chapter's public code uses 0.99 (from Subspace DIP)
+    es_delta: float = 1.0
 
 
 @register

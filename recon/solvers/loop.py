@@ -89,7 +89,7 @@ class _History:
     def load_state_dict(self, state: dict) -> None:
         for name, values in state.items():
             col = self.columns[name] = np.full(self.steps, np.nan)
-            col[: len(values)] = values.numpy()
+            col[: len(values)] = values.cpu().numpy()  # map_location may have put it on the GPU
 
 
 class Loop:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
-from recon.solvers.common import blocks, check_nonnegative, check_positive, geometric, make_denoiser
+from recon.solvers.common import DENOISERS, blocks, check_nonnegative, check_positive, geometric, make_denoiser
 
 
 @dataclass
@@ -33,6 +33,9 @@ class BlockSolver(NetworkSolver):
     def __init__(self, problem, params, seed, device):
         if params.inner_steps < 1:
             raise ValueError(f"{self.name}: inner_steps (N_sub) must be >= 1, got {params.inner_steps}")
+        if params.denoiser not in DENOISERS:  # before the network is built
+            raise ValueError(f"{self.name}: unknown denoiser {params.denoiser!r}; "
+                             f"expected one of {', '.join(DENOISERS)}")
         super().__init__(problem, params, seed, device)
         self.target = torch.zeros(problem.image_shape, device=device)  # u^(0) = 0 in Algs. 4-6
 
@@ -89,7 +92,6 @@ class HQSSolver(BlockSolver):
     def __init__(self, problem, params, seed, device):
         check_positive(self.name, alpha_start=params.alpha_start, alpha_end=params.alpha_end)
         check_nonnegative(self.name, lam=params.lam)
-        make_denoiser(params.denoiser, 1.0, self.name)  # validate the name early
         super().__init__(problem, params, seed, device)
 
     def alpha(self, block: int) -> float:

@@ -1,0 +1,213 @@
+"""`dipcohort run` / `dipcohort status` end to end, resume, retry, dry run, bad manifests,
+and every shipped manifest validating with --dry-run."""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import store as st
+from pipeline.cli import main
+from pipeline.jobs import STATUS_CODES
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = """
+cohort: tiny
+steps: 20
+size: 32
+seeds: [0]
+metrics: {ssim_every: 10}
+scans:
+  - {id: cam, source: "skimage:camera", task: denoise, params: {sigma: 25}}
+  - {id: file, source: img.npy, task: inpaint, params: {hole_ratio: 0.1}}
+solvers:
+  - {name: dip, params: {network: tiny}}
+  - {name: aseqdip, params: {network: tiny}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def image(path: Path) -> None:
+    yy, xx = np.mgrid[0:32, 0:32]
+    np.save(path, (0.5 + 0.4 * np.sin(xx / 4) * np.cos(yy / 5)).astype(np.float32))
+
+
+def setup(tmp_path: Path, text: str = MANIFEST) -> tuple[Path, Path]:
+    image(tmp_path / "img.npy")
+    m = tmp_path / "m.yaml"
+    m.write_text(textwrap.dedent(text))
+    return m, tmp_path / "out" / "res.zarr"
+
+
+def run(*args: str) -> int:
+    return main(["run", *map(str, args), "--device", "cpu", "--progress", "quiet"])
+
+
+def test_run_status_resume_and_retry(tmp_path, capsys):
+    m, out = setup(tmp_path)
+    assert run(m, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 jobs to run" in printed and "4 jobs — done 4" in printed
+    table = st.ledger_table(out)
+    assert list(table["status"]) == ["done"] * 4 and list(table["attempts"]) == [1] * 4
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["cohort"] == "tiny" and root.attrs["manifest"] == m.read_text()
+    assert np.isfinite(root["summary/values"][:, 0]).all()  # peak PSNR of every job
+
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "done 4" in status and "failed 0" in status
+    assert "aseqdip" in status and "dip" in status
+
+    # rerun: nothing left to do, nothing rerun
+    assert run(m, "--out", out, "--resume") == 0
+    assert "0 of 4 jobs to run" in capsys.readouterr().out
+    assert list(st.ledger_table(out)["attempts"]) == [1] * 4
+
+    # a failing scan: its jobs fail, the others still run; --retry-failed reruns only them
+    (tmp_path / "second").mkdir()
+    m2, out2 = setup(tmp_path / "second")
+    (tmp_path / "second" / "img.npy").unlink()
+    assert run(m2, "--out", out2) == 1  # exit 1: some jobs failed
+    capsys.readouterr()
+    table = st.ledger_table(out2)
+    assert sorted(table["status"]) == ["done", "done", "failed", "failed"]
+    failed_ids = set(table["job_id"][table["status"] == "failed"])
+    assert set(table["scan_id"][table["status"] == "failed"]) == {"file"}
+
+    assert main(["status", str(out2)]) == 0
+    status = capsys.readouterr().out
+    assert "failed jobs (2)" in status and "no such file" in status
+    assert all(f"{job_id}.log" in status for job_id in failed_ids)
+
+    assert run(m2, "--out", out2) == 1  # without --retry-failed, failed jobs stay failed
+    assert "0 of 4 jobs to run" in capsys.readouterr().out
+    image(tmp_path / "second" / "img.npy")  # the user fixes the file
+    assert run(m2, "--out", out2, "--retry-failed") == 0
+    assert "2 of 4 jobs to run" in capsys.readouterr().out
+    table = st.ledger_table(out2)
+    assert list(table["status"]) == ["done"] * 4
+    # the scan could not be loaded when the store was made: no attempt was counted then
+    assert list(table["attempts"]) == [1] * 4
+    for row in table.itertuples():  # jobs that were done did not run again
+        assert Path(row.log_path).read_text().count("start job") == 1
+
+
+def test_interrupted_jobs_rerun_on_resume(tmp_path, capsys):
+    m, out = setup(tmp_path, MANIFEST.replace("  - {name: aseqdip, params: {network: tiny}}\n", ""))
+    assert run(m, "--out", out) == 0
+    root = zarr.open_group(str(out), mode="r+")
+    root["jobs/status"][1] = STATUS_CODES["running"]  # as if the driver was killed mid-job
+    capsys.readouterr()
+    assert run(m, "--out", out) == 0
+    assert "1 of 2 jobs to run" in capsys.readouterr().out
+    assert list(st.ledger_table(out)["attempts"]) == [1, 2]
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    m, out = setup(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["run", str(m), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert "2 scans × 2 solver configurations × 1 seed(s) = 4 jobs" in printed and "storage estimate" in printed and "nothing written" in printed
+    assert "gpus 0, cpus 1, mem 4 GB, time 60 min" in printed
+    files = int(printed.split(" files (")[0].rsplit(", ", 1)[1])
+    assert main(["run", str(m), "--out", str(out), "--device", "cpu", "--progress", "quiet"]) == 0
+    real = sum(1 for p in out.rglob("*") if p.is_file())
+    assert real <= files, "the file-count estimate is an upper bound"
+
+
+def test_invalid_manifest_exit_2_and_nothing_written(tmp_path, capsys):
+    m, out = setup(tmp_path, MANIFEST.replace("steps: 20", "steps: -1"))
+    assert run(m, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert str(m) in err and "steps" in err and "greater than 0" in err
+    assert not out.exists() and not st.work_dir(out).exists()
+    assert main(["run", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+    assert "no such manifest" in capsys.readouterr().err
+    m.write_text(MANIFEST)
+    assert main(["run", str(m), "--out", str(out), "--device", "gpu"]) == 2
+    assert "expected cpu, cuda or cuda:K" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_changed_manifest_needs_a_new_store(tmp_path, capsys):
+    m, out = setup(tmp_path, MANIFEST.replace("  - {name: aseqdip, params: {network: tiny}}\n", ""))
+    assert run(m, "--out", out) == 0
+    m.write_text(m.read_text().replace("{network: tiny}", "{network: tiny, lr: 0.02}"))
+    capsys.readouterr()
+    assert run(m, "--out", out) == 2
+    assert "new --out" in capsys.readouterr().err
+    assert main(["run", str(m), "--out", str(tmp_path / "fresh.zarr"), "--resume"]) == 2
+    assert "not an existing results store" in capsys.readouterr().err
+
+
+def test_unloadable_scan_is_recorded_failed_at_creation(tmp_path, capsys):
+    m, out = setup(tmp_path, MANIFEST.replace("{sigma: 25}", "{sigma: -5}"))
+    assert run(m, "--out", out) == 1
+    printed = capsys.readouterr().out
+    assert "warning: scan cam" in printed
+    table = st.ledger_table(out)
+    bad = table[table["scan_id"] == "cam"]
+    assert list(bad["status"]) == ["failed", "failed"] and all("sigma" in e for e in bad["error"])
+    assert list(table[table["scan_id"] == "file"]["status"]) == ["done", "done"]
+
+
+# ------------------------------------------------------------------------ shipped manifests
+def _fastmri(path: Path) -> None:
+    """A small fastMRI-like multi-coil file: fully sampled k-space and its RSS reference."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[-1:1:32j, -1:1:32j]
+    img = (xx ** 2 + yy ** 2 < 0.6).astype(np.float64) * (1 + 0.2 * rng.random((32, 32)))
+    coils = np.stack([img * np.exp(-((xx - c) ** 2 + yy ** 2)) for c in (-1, 0, 1, 0.5)])
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coils, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    with h5py.File(path, "w") as fh:
+        fh["kspace"] = np.stack([kspace] * 3).astype(np.complex64)
+        fh["reconstruction_rss"] = np.stack([np.sqrt((np.abs(coils) ** 2).sum(0))] * 3).astype(np.float32)
+
+
+def _png(path: Path, rgb: bool) -> None:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:40, 0:48]
+    gray = (127 + 120 * np.sin(xx / 5) * np.cos(yy / 7)).astype(np.uint8)
+    Image.fromarray(np.stack([gray, gray[::-1], gray[:, ::-1]], -1) if rgb else gray).save(path)
+
+
+def test_every_shipped_manifest_validates_with_dry_run(tmp_path, monkeypatch, capsys):
+    """Studies read the users' data through environment variables; point them at tiny files."""
+    for sub in ("mri", "ct", "rgb"):
+        (tmp_path / sub).mkdir()
+    _fastmri(tmp_path / "mri" / "file1000001.h5")
+    _fastmri(tmp_path / "mri" / "file1000002.h5")
+    _png(tmp_path / "ct" / "L067_001.png", rgb=False)
+    _png(tmp_path / "rgb" / "0001.png", rgb=True)
+    monkeypatch.setenv("FASTMRI_FILES", str(tmp_path / "mri" / "*.h5"))
+    monkeypatch.setenv("CT_IMAGES", str(tmp_path / "ct" / "*.png"))
+    monkeypatch.setenv("CBSD68_IMAGES", str(tmp_path / "rgb" / "*.png"))
+    manifests = sorted((REPO / "manifests").rglob("*.yaml"))
+    names = {p.relative_to(REPO / "manifests").as_posix() for p in manifests}
+    assert {"demo.yaml", "studies/mri.yaml", "studies/ct.yaml", "studies/denoise.yaml", "studies/inpaint.yaml",
+            "studies/deblur.yaml", "studies/robustness.yaml"} <= names
+    for path in manifests:
+        out = tmp_path / f"{path.stem}.zarr"
+        assert main(["run", str(path), "--out", str(out), "--dry-run"]) == 0, path
+        printed = capsys.readouterr().out
+        assert "storage estimate" in printed and "warning" not in printed, printed
+        assert not out.exists()
+    if os.environ.get("DIPCOHORT_FULL_DEMO"):  # opt-in: the whole demo (minutes)
+        assert run(REPO / "manifests" / "demo.yaml", "--out", tmp_path / "demo.zarr") == 0
