@@ -137,9 +137,10 @@ def aggregate_only(path: str, workers: int, full: bool) -> None:
     t0 = time.perf_counter()
     ds = aggregate(path, workers=workers, full=full)
     wall = time.perf_counter() - t0
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"wall_s": wall, "self_maxrss": self_kb * 1024, "child_maxrss": child_kb * 1024,
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime   # the pool is joined: children count
+    print(json.dumps({"wall_s": wall, "self_maxrss": me.ru_maxrss * 1024, "child_maxrss": kids.ru_maxrss * 1024,
+                      "cpu_s": cpu,
                       "groups": ds.sizes["group"], "steps": ds.sizes["step"], "seconds": ds.attrs["seconds"],
                       "compaction": ds.attrs["compaction"]}))
 
@@ -261,7 +262,8 @@ def main() -> None:
 
 def _print_run(what: str, r: dict) -> None:
     sec = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
-    print(f"{what}: {r['wall_s']:.1f} s wall ({sec}; {r['compaction']['job_blocks_copied']} of "
+    print(f"{what}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} CPU-s incl. imports ({sec}; "
+          f"{r['compaction']['job_blocks_copied']} of "
           f"{r['compaction']['job_blocks']} job blocks copied; {r['groups']} groups × {r['steps']} steps); peak RSS: "
           f"process {r['self_maxrss'] / 2**20:.0f} MiB, largest worker {r['child_maxrss'] / 2**20:.0f} MiB, whole tree "
           f"{r['tree_peak_rss'] / 2**20:.0f} MiB (goal < 60 s, < 2048 MiB); load average now {os.getloadavg()[0]:.1f}",

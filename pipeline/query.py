@@ -39,9 +39,10 @@ class StaleAggregateWarning(UserWarning):
 def open_results(store: str | Path, *, use_compact: str = "auto") -> xr.Dataset:
     """The store as an xarray Dataset over (job, step); metrics lazy through Dask.
 
-    use_compact: 'auto' reads the aggregate's compact copy when its ledger fingerprint matches
-    the live ledger (reads status and attempts of every job to check), 'always' reads it
-    without checking, 'never' reads the per-job chunks.
+    use_compact: 'auto' reads the aggregate's compact copy (chunks of 256 jobs) when its ledger
+    fingerprint matches the live ledger (a hash of every job's status and attempts chunk files:
+    well under a second for 10,000 jobs) and warns and reads the per-job chunks when it does
+    not; 'always' reads the compact copy without checking; 'never' reads the per-job chunks.
     """
     if use_compact not in USE_COMPACT:
         raise ValueError(f"use_compact={use_compact!r}: expected one of {', '.join(USE_COMPACT)}")

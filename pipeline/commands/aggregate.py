@@ -38,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
     unfinished = int(ds.n_unfinished.sum())
     if unfinished:
         print(f"note: {unfinished} jobs are pending or running; aggregate again when they finish")
-    print_table(table_rows(ds), wide_console(), columns=("Task", "Solver", "Jobs", "Final PSNR", "Final SSIM", "Onset step"))
+    columns = ("Task", "Solver", "Jobs", "Final PSNR", "Final SSIM", "Onset step")
+    print_table(table_rows(ds), wide_console(), columns=columns)
     return 0
 
 

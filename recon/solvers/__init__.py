@@ -56,6 +56,9 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
     cls = get_solver(name)
     p = make_params(cls.Params, params, where=f"solver {name!r} params")
     dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":  # same job on the same device gives the same numbers (DESIGN.md)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     solver = cls(problem.to(dev), p, seed=seed, device=dev)
     steps = cls.default_steps if steps is None else int(steps)
     if steps < 1:
