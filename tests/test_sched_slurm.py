@@ -93,8 +93,9 @@ def test_requeued_task_resumes_from_checkpoint_with_same_numbers(tmp_path):
     from pipeline.store import checkpoint_path
     from schedulers.slurm import SlurmBackend
 
-    manifest = sc.write_manifest(tmp_path / "long.yaml", steps=500, seeds=(0,), scans={"cam": "skimage:camera"},
-                                 checkpoint_every=10)
+    # ~20 s of solving on an idle core: long enough that the requeue always lands mid-run
+    manifest = sc.write_manifest(tmp_path / "long.yaml", steps=2000, seeds=(0,), scans={"cam": "skimage:camera"},
+                                 checkpoint_every=20)
     reference = sc.reference_store(manifest, tmp_path)
     out = tmp_path / "requeue.zarr"
     jobs = sc.make_store(manifest, out)
