@@ -95,6 +95,15 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; expected one of {', '.join(choices)}")
 
 
+def check_options(upsampling: str, norm: str, pad: str, scales: int) -> None:
+    """The options every encoder-decoder preset shares, checked with the valid choices named."""
+    check_choice("upsampling", upsampling, UPSAMPLING)
+    check_choice("norm", norm, NORMS)
+    check_choice("pad", pad, PADDING)
+    if scales < 1:
+        raise ValueError(f"scales must be >= 1, got {scales}")
+
+
 def per_scale(name: str, value, scales: int, what: str = "scale") -> list[int]:
     """An int repeated per scale, or a list of length `scales`."""
     if isinstance(value, int):

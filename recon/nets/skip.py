@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from recon.nets.layers import (NORMS, PADDING, UPSAMPLING, act, check_choice, conv, crop,
+from recon.nets.layers import (act, check_options, conv, crop,
                                output_activation, pad_to_multiple, per_scale, upsample)
 from recon.nets.layers import norm as make_norm
 
@@ -58,11 +58,7 @@ class SkipNet(nn.Module):
                  pad: str = "reflection", bias: bool = True, need_1x1_up: bool = True,
                  sigmoid: bool = True):
         super().__init__()
-        check_choice("upsampling", upsampling, UPSAMPLING)
-        check_choice("norm", norm, NORMS)
-        check_choice("pad", pad, PADDING)
-        if scales < 1:
-            raise ValueError(f"scales must be >= 1, got {scales}")
+        check_options(upsampling, norm, pad, scales)
         down = per_scale("channels_down", channels_down, scales)
         up = per_scale("channels_up", channels_up, scales)
         skip = per_scale("channels_skip", channels_skip, scales)

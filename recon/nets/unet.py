@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from recon.nets.layers import (NORMS, PADDING, UPSAMPLING, act, check_choice, conv, crop,
+from recon.nets.layers import (act, check_options, conv, crop,
                                output_activation, pad_to_multiple, per_scale, upsample)
 from recon.nets.layers import norm as make_norm
 
@@ -53,11 +53,7 @@ class UNet(nn.Module):
                  norm: str = "batch", groups: int = 8, pad: str = "zero", bias: bool = True,
                  sigmoid: bool = True):
         super().__init__()
-        check_choice("upsampling", upsampling, UPSAMPLING)
-        check_choice("norm", norm, NORMS)
-        check_choice("pad", pad, PADDING)
-        if scales < 1:
-            raise ValueError(f"scales must be >= 1, got {scales}")
+        check_options(upsampling, norm, pad, scales)
         ch = per_scale("channels", channels, scales)
         sk = per_scale("skip_channels", skip_channels, scales - 1, "up step")
         self.scales = scales

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from recon.operators.base import LinearOperator
 from recon.solvers import register
 from recon.solvers.base import Solver, SolverParams, StepOutput
-from recon.solvers.common import divergence, gradient, tv_norm
+from recon.solvers.common import divergence, gradient, require_linear, tv_norm
 
 
 def _data_terms(problem, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,8 +82,7 @@ class TV(Solver):
     default_steps = 300
 
     def __init__(self, problem, params, seed, device):
-        if not isinstance(problem.operator, LinearOperator):
-            raise ValueError(f"tv: needs a linear operator; task {problem.task!r} has a non-linear one")
+        require_linear(problem, "tv")
         if params.alpha < 0:
             raise ValueError(f"tv: alpha must be >= 0, got {params.alpha!r}")
         super().__init__(problem, params, seed, device)

@@ -89,6 +89,14 @@ def make_denoiser(name: str, strength: float | None, solver: str) -> Denoiser:
     return lambda x: denoiser(x, strength)
 
 
+def require_linear(problem: Problem, solver: str) -> None:
+    """Methods that need A^H (PDHG, CG x-updates) refuse the non-linear blur model up front."""
+    from recon.operators.base import LinearOperator
+
+    if not isinstance(problem.operator, LinearOperator):
+        raise ValueError(f"{solver}: needs a linear operator; task {problem.task!r} has a non-linear one")
+
+
 def check_positive(solver: str, **values: float) -> None:
     for name, value in values.items():
         if not value > 0:

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from recon.operators.base import LinearOperator
 from recon.solvers import register
 from recon.solvers.base import Solver, SolverParams, StepOutput
-from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, check_positive, make_denoiser
+from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, check_positive, make_denoiser, require_linear
 
 
 @dataclass
@@ -56,8 +55,7 @@ class PnPADMM(Solver):
     default_steps = 100
 
     def __init__(self, problem, params, seed, device):
-        if not isinstance(problem.operator, LinearOperator):
-            raise ValueError(f"pnp-admm: needs a linear operator; task {problem.task!r} has a non-linear one")
+        require_linear(problem, "pnp-admm")
         check_positive("pnp-admm", rho=params.rho, cg_tolerance=params.cg_tolerance)
         if params.cg_iterations < 1:
             raise ValueError(f"pnp-admm: cg_iterations must be >= 1, got {params.cg_iterations}")
