@@ -472,9 +472,11 @@ def load_scan(source: str, *, size: int | None = None, grayscale: bool = True) -
 # --------------------------------------------------------------------------------------------
 # from a scan to a problem (shared by `dipcohort recon` and the cohort worker)
 # --------------------------------------------------------------------------------------------
-def scan_problem(scan: ScanData, task: str, task_params: dict | None = None, seed: int = 0):
+def scan_problem(scan: ScanData, task: str, task_params: dict | None = None, seed: int = 0,
+                 reference: np.ndarray | None = None):
     """The reconstruction problem for `scan`: measured k-space when the scan has it and the task is
-    MRI (recon.simulate.from_measurements), else measurements simulated from the image."""
+    MRI (recon.simulate.from_measurements), else measurements simulated from the image.
+    `reference` replaces the scan's own reference image (a manifest's separate reference)."""
     from recon.simulate import TASK_DEFAULTS, from_measurements, simulate
 
     params = dict(task_params or {})
@@ -482,7 +484,8 @@ def scan_problem(scan: ScanData, task: str, task_params: dict | None = None, see
         # load_scan only passes fully sampled k-space; without an acceleration it would stay
         # fully sampled, so undersample at the simulated studies' default (4x, see TASK_DEFAULTS)
         params.setdefault("acceleration", TASK_DEFAULTS["mri"]["acceleration"])
-        return from_measurements("mri", scan.kspace, params, reference=scan.reference, seed=seed)
+        ref = scan.reference if reference is None else reference
+        return from_measurements("mri", scan.kspace, params, reference=ref, seed=seed)
     if scan.image is None:
         raise ScanError(f"{scan.meta.get('source', 'scan')}: has no image to simulate task {task!r} from")
     return simulate(task, scan.image, params, seed)

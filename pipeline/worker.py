@@ -51,12 +51,12 @@ def build_problem(spec: ScanSpec, seed: int, data=None):
         measured = load_array(spec.source) if data is None else data
     else:  # fastMRI k-space (ScanData with kspace and its reference)
         measured = load(spec) if data is None else data
-    params = dict(spec.task_params)
-    if spec.task == "mri":
-        # load_scan passes fully sampled k-space: undersample at the default acceleration unless
-        # the manifest sets one, exactly as the single-scan CLI does (pipeline.io.scan_problem)
-        params.setdefault("acceleration", sim.TASK_DEFAULTS["mri"]["acceleration"])
-    return sim.from_measurements(spec.task, measured, params, reference=reference, seed=seed)
+    if spec.task == "mri" and getattr(measured, "kspace", None) is not None:
+        # the same problem the single-scan CLI builds (default acceleration included)
+        from pipeline.io import scan_problem
+
+        return scan_problem(measured, "mri", dict(spec.task_params), seed, reference=reference)
+    return sim.from_measurements(spec.task, measured, dict(spec.task_params), reference=reference, seed=seed)
 
 
 def load_array(source: str) -> np.ndarray:
