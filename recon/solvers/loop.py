@@ -157,8 +157,7 @@ class Loop:
                 self.s.progress(k + 1, self.s.steps, values)
             if self.s.checkpoint_path and self.s.checkpoint_every and (k + 1) % self.s.checkpoint_every == 0 \
                     and k + 1 < self.s.steps:
-                self.elapsed_now = self.elapsed + time.perf_counter() - t0
-                self._save_checkpoint(k + 1)
+                self._save_checkpoint(k + 1, self.elapsed + time.perf_counter() - t0)
         if self.solver.device.type == "cuda":
             torch.cuda.synchronize(self.solver.device)
         runtime = self.elapsed + time.perf_counter() - t0
@@ -198,10 +197,10 @@ class Loop:
         return float(psnr(shown, self.reference, dr)), float(ssim(shown, self.reference, dr))
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def _save_checkpoint(self, next_step: int) -> None:
+    def _save_checkpoint(self, next_step: int, elapsed: float) -> None:
         state = {
             "next_step": next_step,
-            "elapsed": self.elapsed_now,
+            "elapsed": elapsed,
             "solver": self.solver.state_dict(),
             "history": self.history.state_dict(next_step),
             "variance": self.variance.state_dict() if self.variance is not None else None,
