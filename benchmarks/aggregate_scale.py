@@ -200,7 +200,7 @@ def solver_speed(steps: dict[str, int] | None = None) -> dict:
     import torch
 
     from pipeline.jobs import ScanSpec
-    from pipeline.worker import build_problem
+    from pipeline.scans import build_problem
     from recon.solvers import run_solver
 
     torch.set_num_threads(1)  # OpenMP threads spin under contention on a shared machine: 1 is steadier

@@ -50,7 +50,7 @@ def make_store(manifest_path: Path, out: Path, n_jobs: int):
     """Create the store as `dipcohort run` does; the first n_jobs jobs."""
     import io
 
-    from pipeline.commands.run import create_cohort_store
+    from pipeline.driver import create_cohort_store
     from pipeline.manifest import load_manifest
 
     return create_cohort_store(out, load_manifest(manifest_path), stream=io.StringIO())[:n_jobs]

@@ -46,7 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, \
     PositiveInt, ValidationError, model_validator
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.jobs import Job, Resources, ScanSpec, canonical_json, config_id_for, job_id_for
 
 Scalar = Union[bool, int, float, str, None]

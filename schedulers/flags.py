@@ -1,6 +1,6 @@
 """Command-line flags of the ray and slurm backends (`dipcohort run`), and their options.
 
-`pipeline.commands.run` calls each backend module's `add_arguments(group)` and
+`dipcohort.commands.run` calls each backend module's `add_arguments(group)` and
 `options_from_args(args)`. The per-job resource flags are shared by both backends, so they are
 added once, by whichever backend comes first. Unset flags (None) fall back to the manifest's
 `resources` for each job.
@@ -32,7 +32,7 @@ def resource_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[s
 
 def sbatch_pairs(pairs: list[str]) -> dict[str, Any]:
     """`--sbatch KEY=VALUE` (or a bare KEY for a flag such as `exclusive`) → submitit's extra sbatch options."""
-    from pipeline.cli import UsageError
+    from pipeline.errors import UsageError
 
     out: dict[str, Any] = {}
     for pair in pairs or []:

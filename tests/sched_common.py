@@ -41,7 +41,7 @@ def make_store(manifest_path: Path, out: Path) -> list[Job]:
     """Create the store as `dipcohort run` does (every array, nothing run); returns the placed jobs."""
     import io
 
-    from pipeline.commands.run import create_cohort_store
+    from pipeline.driver import create_cohort_store
     from pipeline.manifest import load_manifest
 
     return create_cohort_store(out, load_manifest(manifest_path), stream=io.StringIO())
@@ -116,7 +116,7 @@ def log_text(store: Path, job_id: str) -> str:
 
 def cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """`dipcohort ARGS` in a subprocess with 1 torch thread (like the reference)."""
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=cli_env(),
+    out = subprocess.run([sys.executable, "-m", "dipcohort", *args], cwd=REPO, env=cli_env(),
                          capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and out.returncode != 0:
         raise AssertionError(f"dipcohort {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cli import main
+from dipcohort.cli import main
 from pipeline.io import fft2c, ifft2c, load_scan, rss
 
 torch.set_num_threads(1)

@@ -18,7 +18,7 @@ def test_killed_driver_rerun_runs_only_unfinished_jobs(tmp_path):
     out = tmp_path / "driver.zarr"
     args = ["run", str(manifest), "--out", str(out), "--workers", "2", "--device", "cpu", "--progress", "plain",
             "-o", "threads=1"]
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=sc.REPO, env=sc.cli_env(),
+    driver = subprocess.Popen([sys.executable, "-m", "dipcohort", *args], cwd=sc.REPO, env=sc.cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # as soon as one job is done (the others pending or mid-run), kill the driver

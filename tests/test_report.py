@@ -12,8 +12,9 @@ import torch
 import pipeline
 import store_factory as sf
 from pipeline import report as rp
-from pipeline.cli import UsageError, main
-from pipeline.commands import demo
+from dipcohort.cli import main
+from pipeline.errors import UsageError
+from dipcohort.commands import demo
 
 TINY = """\
 cohort: tiny

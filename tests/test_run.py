@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from pipeline import store as st
-from pipeline.cli import main
+from dipcohort.cli import main
 from pipeline.jobs import STATUS_CODES
 
 REPO = Path(__file__).resolve().parent.parent

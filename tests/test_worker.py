@@ -11,11 +11,12 @@ import torch
 import zarr
 
 from pipeline import store as st
-from pipeline.commands.run import create_cohort_store
+from pipeline.driver import create_cohort_store
 from pipeline.jobs import STATUS_CODES
 from pipeline.manifest import load_manifest
 from pipeline.progress import Progress
-from pipeline.worker import build_problem, run_job
+from pipeline.scans import build_problem
+from pipeline.worker import run_job
 from schedulers import get_backend
 
 STEPS = 20

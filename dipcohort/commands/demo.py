@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 DEMO = Path("manifests") / "demo.yaml"
 
@@ -35,7 +35,8 @@ def demo_manifest() -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.commands.run import run_cohort
+    from dipcohort.commands.run import make_backend
+    from pipeline.driver import run_cohort
     from pipeline.report import report
 
     if args.workers < 1:
@@ -46,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     store = out / "demo.zarr"
     out.mkdir(parents=True, exist_ok=True)
-    counts = run_cohort(manifest, store, backend="local", options={"workers": args.workers, "device": args.device})
+    backend = make_backend("local", {"workers": args.workers, "device": args.device})
+    counts = run_cohort(manifest, store, backend)
     paths = report(store, out / "report")
     print(f"results: {store}   report: {paths['table_md'].parent} (table.md, table.csv, "
           f"{', '.join(p.name for p in paths['curves'])}, {paths['montage'].name})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.jobs import STATUS_CODES
 
 

@@ -1,4 +1,6 @@
-"""`dipcohort` command line: one module per subcommand under `pipeline.commands`.
+"""dipcohort: untrained-network reconstruction (DIP, aSeqDIP, ...) over cohorts of scans.
+
+One module per subcommand under `dipcohort.commands`.
 
 Each command module defines `register(subparsers)` (adds its parser, sets `func`) and its
 `func(args) -> int`. Bad arguments exit with code 2 and a message naming what was wrong.
@@ -9,11 +11,9 @@ import argparse
 import importlib
 import sys
 
+from pipeline.errors import UsageError
+
 COMMANDS = ("recon", "run", "status", "aggregate", "report", "demo")
-
-
-class UsageError(Exception):
-    """Invalid user input (arguments, manifest, scan file): printed and exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"pipeline.commands.{name}")
+            module = importlib.import_module(f"dipcohort.commands.{name}")
         except ModuleNotFoundError as err:
-            if err.name == f"pipeline.commands.{name}":
+            if err.name == f"dipcohort.commands.{name}":
                 continue  # command not built yet
             raise
         module.register(sub)
@@ -41,8 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m pipeline.cli`: run the imported module's main so that commands' UsageError
-    # (pipeline.cli.UsageError) is the class caught here, not a copy in __main__
-    from pipeline.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 
 def register(subparsers) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 TASKS = ("denoise", "inpaint", "deblur", "sr", "mri", "ct")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 
 def register(subparsers) -> None:
