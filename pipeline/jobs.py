@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-STATUS_CODES = {"pending": 0, "running": 1, "done": 2, "failed": 3, "diverged": 4}
+# interrupted: stopped by a signal (Ctrl-C, SIGTERM, preemption) at a step boundary; rerun continues it
+STATUS_CODES = {"pending": 0, "running": 1, "done": 2, "failed": 3, "diverged": 4, "interrupted": 5}
 STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
 # a job in one of these states is not run again on resume (failed: only with --retry-failed)
 FINISHED = ("done", "diverged")

@@ -34,17 +34,16 @@ import numpy as np
 import zarr
 
 from pipeline.jobs import FINISHED, STATUS_CODES, STATUS_NAMES, Job
+from recon.solvers.loop import LOOP_METRICS, SUMMARY_FIELDS
 
 LAYOUT_VERSION = 1
-# the metrics every run records (recon.solvers.loop); solvers' loss terms are appended
-BASE_METRICS = ("loss", "psnr", "ssim", "movvar")
-SUMMARY_FIELDS = ("peak_psnr", "peak_step", "final_psnr", "final_ssim", "es_step", "es_psnr", "es_ssim",
-                  "steps", "runtime_s", "steps_per_s", "diverged", "stopped_early")
+# the metrics every run records and its summary fields (recon.solvers.loop); solvers' loss terms are appended
+BASE_METRICS = LOOP_METRICS
 COORDS = ("job_id", "scan_id", "task", "solver", "config", "params", "source", "image_group")
 INT_COORDS = ("seed", "steps", "image_index")
 LEDGER = {"status": "int8", "attempts": "int32", "runtime_s": "float64", "device": str, "error": str,
           "log_path": str}
-IMAGE_ARRAYS = ("final", "early_stopped", "reference", "degraded")
+IMAGE_ARRAYS = ("final", "early_stopped", "ema", "reference", "degraded")
 PACKAGES = ("dipcohort", "torch", "numpy", "scipy", "scikit-image", "zarr", "xarray", "dask", "pydantic")
 
 
@@ -68,7 +67,7 @@ class ImageShape:
     def image_bytes(self) -> int:
         """Uncompressed bytes of one job's four images (float32)."""
         hw = self.height * self.width * 4
-        return 2 * self.channels * hw + 2 * self.display_channels * hw
+        return 3 * self.channels * hw + 2 * self.display_channels * hw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +180,7 @@ def _create_images(root: zarr.Group, jobs: Sequence[Job], groups: dict[str, Imag
                         "height": shape.height, "width": shape.width})
         k = len(rows)
         for arr, c, cdim in (("final", shape.channels, "channel"), ("early_stopped", shape.channels, "channel"),
+                             ("ema", shape.channels, "channel"),
                              ("reference", shape.display_channels, "display_channel"),
                              ("degraded", shape.display_channels, "display_channel")):
             g.create_array(arr, shape=(k, c, shape.height, shape.width), chunks=(1, c, shape.height, shape.width),

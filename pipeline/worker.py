@@ -89,7 +89,8 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
                         checkpoint_every=job.checkpoint_every, progress=None)
     writer.metrics(result.history)
     writer.summary(result.summary())
-    writer.images(final=result.image, early_stopped=result.es_image, reference=reference_image(problem),
+    writer.images(final=result.image, early_stopped=result.es_image, ema=result.ema_image,
+                  reference=reference_image(problem),
                   degraded=degraded_image(problem).cpu())
     status = "diverged" if result.diverged else "done"
     s = result.summary()

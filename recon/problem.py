@@ -54,6 +54,21 @@ class Problem:
             return torch.sqrt(x[:, 0:1] ** 2 + x[:, 1:2] ** 2)
         return x
 
+    def score(self, image: torch.Tensor, with_ssim: bool = True) -> dict[str, torch.Tensor]:
+        """The task's quality scores of `image` against the ground truth (0-d tensors): 'psnr' and,
+        when `with_ssim`, 'ssim' as the papers define them for this task; tasks that score inside a
+        mask add the whole-frame values as 'psnr_full' / 'ssim_full'. Empty without ground truth."""
+        from recon.metrics import psnr, ssim
+
+        if self.ground_truth is None:
+            return {}
+        shown = self.display(image)
+        reference = self.display(self.ground_truth.to(shown.device))
+        out = {"psnr": psnr(shown, reference, self.data_range)}
+        if with_ssim:
+            out["ssim"] = ssim(shown, reference, self.data_range)
+        return out
+
     def data_fidelity(self, x: torch.Tensor) -> torch.Tensor:
         """1/2 ||A x - y||_2^2 (eq. 3 of the DIP-for-CT chapter)."""
         r = self.operator(x) - self.measurements

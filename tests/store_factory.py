@@ -93,7 +93,7 @@ def summary_row(metrics: np.ndarray, diverged: bool, rng: np.random.Generator) -
            "es_step": es_step, "es_psnr": psnr[es_step], "es_ssim": float(np.clip(psnr[es_step] / 40, 0, 1)),
            "steps": ran, "runtime_s": runtime, "steps_per_s": ran / runtime,
            "diverged": float(diverged), "stopped_early": 0.0}
-    return np.array([row[f] for f in SUMMARY_FIELDS], dtype=np.float64)
+    return np.array([row.get(f, np.nan) for f in SUMMARY_FIELDS], dtype=np.float64)
 
 
 def fabricate_store(path: str | Path, *, tasks=("denoise", "mri"), configs=CONFIGS, n_scans=3, seeds=(0, 1),

@@ -12,6 +12,7 @@ import zarr
 
 from pipeline import store as st
 from pipeline.jobs import STATUS_CODES, Job, ScanSpec, job_id_for
+from recon.solvers.loop import LOOP_METRICS
 
 STEPS = 40
 
@@ -52,7 +53,7 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     assert "numpy" in root.attrs["packages"] and "zarr" in root.attrs["packages"]
     assert "git_commit" in root.attrs and root.attrs["created"].endswith("+00:00")
     names = root.attrs["metric_names"]
-    assert names[:4] == ["loss", "psnr", "ssim", "movvar"] and "data" in names and "autoencoding" in names
+    assert names[:len(st.BASE_METRICS)] == list(LOOP_METRICS) and "data" in names and "autoencoding" in names
     assert root.attrs["summary_fields"] == list(st.SUMMARY_FIELDS)
     assert sorted(root.attrs["image_groups"]) == ["c1_12x12", "c2_16x16"]
     assert root.attrs["max_steps"] == STEPS

@@ -85,7 +85,7 @@ def test_success_writes_everything_and_status_last(tmp_path, monkeypatch):
     assert np.isfinite(m[names.index("psnr"), :steps_run]).all()
     assert np.isfinite(m[names.index("ssim"), 0])  # ssim_every 5: step 0 computed
     assert np.isnan(m[names.index("ssim"), 1])      # ...step 1 not
-    assert names == ["loss", "psnr", "ssim", "movvar", "data"]  # es-dip's one term: data
+    assert names == [*st.BASE_METRICS, "data"]  # es-dip's one term: data
     np.testing.assert_array_equal(m[names.index("data"), :steps_run], m[names.index("loss"), :steps_run])
     assert np.isfinite(m[names.index("movvar"), 4:steps_run]).all()  # window 5
     summary = dict(zip(st.SUMMARY_FIELDS, root["summary/values"][i]))

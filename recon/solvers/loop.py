@@ -17,10 +17,20 @@ import numpy as np
 import torch
 
 from recon.early_stopping import EarlyStopper, MovingVariance
-from recon.metrics import psnr, ssim
 from recon.solvers.base import Solver
 
 ProgressFn = Callable[[int, int, dict], None]
+
+# What the loop records, the contract with the results store (pipeline.store builds its columns
+# from these and the solvers' loss terms). Per step: the loss, the task's scores of the iterate
+# (`Problem.score`: psnr/ssim as the papers define them, *_full over the whole frame where the
+# task scores inside a mask, e.g. the CT disc), the scores of the output EMA (ema_*, when
+# ema_decay > 0) and the moving variance of ES-WMV. NaN where a value does not apply.
+LOOP_METRICS = ("loss", "psnr", "ssim", "psnr_full", "ssim_full", "ema_psnr", "ema_ssim", "movvar")
+# One value per run (SolverResult.summary()); final_* score the image the method returns.
+SUMMARY_FIELDS = ("peak_psnr", "peak_step", "final_psnr", "final_ssim", "final_psnr_full", "final_ssim_full",
+                  "es_step", "es_psnr", "es_ssim", "ema_psnr", "ema_ssim", "steps", "runtime_s", "steps_per_s",
+                  "diverged", "stopped_early")
 
 
 @dataclass
@@ -55,15 +65,25 @@ class SolverResult:
     ema_image: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
+    final_psnr_full: float = math.nan
+    final_ssim_full: float = math.nan
+    ema_psnr: float = math.nan       # the output EMA at the end (ema_decay > 0)
+    ema_ssim: float = math.nan
+
     def summary(self) -> dict:
-        return {
+        """One value per SUMMARY_FIELDS name (NaN where it does not apply)."""
+        out = {
             "peak_psnr": self.peak_psnr, "peak_step": self.peak_step,
             "final_psnr": self.final_psnr, "final_ssim": self.final_ssim,
+            "final_psnr_full": self.final_psnr_full, "final_ssim_full": self.final_ssim_full,
             "es_step": self.es_step, "es_psnr": self.es_psnr, "es_ssim": self.es_ssim,
+            "ema_psnr": self.ema_psnr, "ema_ssim": self.ema_ssim,
             "steps": self.steps_run, "runtime_s": self.runtime_s,
             "steps_per_s": self.steps_run / self.runtime_s if self.runtime_s > 0 else math.nan,
             "diverged": self.diverged, "stopped_early": self.stopped_early,
         }
+        assert tuple(out) == SUMMARY_FIELDS
+        return out
 
 
 class _History:
@@ -98,9 +118,7 @@ class Loop:
         self.s = settings
         self.problem = solver.problem
         p = solver.params
-        self.reference = None
-        if self.problem.ground_truth is not None:
-            self.reference = self.problem.display(self.problem.ground_truth.to(solver.device))
+        self.reference = self.problem.ground_truth  # None for measured data without a reference
         self.history = _History(settings.steps)
         solver.total_steps = settings.steps  # the budget, for solvers with schedules over it (HQS)
         self.variance = MovingVariance(p.variance_window) if solver.uses_network else None
@@ -113,16 +131,11 @@ class Loop:
 
     # ---- metrics ---------------------------------------------------------------------------
     def _metrics(self, k: int, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        shown = self.problem.display(image)
-        if self.reference is not None:
-            dr = self.problem.data_range
-            out["psnr"] = psnr(shown, self.reference, dr)
-            every = self.s.ssim_every
-            if every > 0 and (k % every == 0 or k == self.s.steps - 1):
-                out["ssim"] = ssim(shown, self.reference, dr)
+        every = self.s.ssim_every
+        with_ssim = every > 0 and (k % every == 0 or k == self.s.steps - 1)
+        out: dict[str, torch.Tensor] = dict(self.problem.score(image, with_ssim=with_ssim))
         if self.variance is not None:
-            var = self.variance.update(shown)
+            var = self.variance.update(self.problem.display(image))
             if var is not None:
                 out["movvar"] = var
         return out
@@ -192,9 +205,8 @@ class Loop:
         return res
 
     def _quality(self, image: torch.Tensor) -> tuple[float, float]:
-        shown = self.problem.display(image.to(self.reference.device))
-        dr = self.problem.data_range
-        return float(psnr(shown, self.reference, dr)), float(ssim(shown, self.reference, dr))
+        scores = self.problem.score(image.to(self.solver.device))
+        return float(scores["psnr"]), float(scores["ssim"])
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, next_step: int, elapsed: float) -> None:
