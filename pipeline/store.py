@@ -41,8 +41,10 @@ LAYOUT_VERSION = 1
 BASE_METRICS = LOOP_METRICS
 COORDS = ("job_id", "scan_id", "task", "solver", "config", "params", "source", "image_group")
 INT_COORDS = ("seed", "steps", "image_index")
+# heartbeat: Unix time the worker last said it is alive (a "running" job whose heartbeat is old
+# belongs to a dead worker); threads: torch threads the job ran with; host: where it ran
 LEDGER = {"status": "int8", "attempts": "int32", "runtime_s": "float64", "device": str, "error": str,
-          "log_path": str}
+          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str}
 IMAGE_ARRAYS = ("final", "early_stopped", "ema", "reference", "degraded")
 PACKAGES = ("dipcohort", "torch", "numpy", "scipy", "scikit-image", "zarr", "xarray", "dask", "pydantic")
 
@@ -358,14 +360,26 @@ class JobWriter:
         self.job = job
         self.i = job.index
 
-    def start(self, device: str) -> int:
+    def start(self, device: str, threads: int = 0) -> int:
         """Mark running, count the attempt; returns the attempt number."""
+        import socket
+        import time
+
         g = self.root["jobs"]
         attempts = int(g["attempts"][self.i]) + 1
         g["attempts"][self.i] = attempts
         g["device"][self.i] = device
+        g["threads"][self.i] = int(threads)
+        g["host"][self.i] = socket.gethostname()
+        g["heartbeat"][self.i] = time.time()
         g["status"][self.i] = STATUS_CODES["running"]
         return attempts
+
+    def heartbeat(self) -> None:
+        """Say the job is still alive (`status` tells running jobs from stale ones by this)."""
+        import time
+
+        self.root["jobs"]["heartbeat"][self.i] = time.time()
 
     def metrics(self, history: dict[str, np.ndarray]) -> None:
         arr = self.root["metrics/values"]

@@ -101,11 +101,14 @@ class Problem:
 
     @torch.no_grad()
     def initial_image(self, kind: str) -> torch.Tensor:
-        """Image-shaped network input: 'adjoint' (A^H y), 'fbp' (CT) or 'measurements' (y)."""
+        """Image-shaped network input: 'auto' (the task's default), 'adjoint' (A^H y), 'fbp' (CT)
+        or 'measurements' (y)."""
+        if kind == "auto":
+            kind = {"mri": "adjoint", "ct": "fbp"}.get(self.task, "measurements")
         if kind == "adjoint":
             return self.adjoint_image()
         if kind == "fbp":
             return self.fbp_image()
         if kind == "measurements":
             return self.measurement_image()
-        raise ValueError(f"unknown input kind {kind!r}; expected 'adjoint', 'fbp' or 'measurements'")
+        raise ValueError(f"unknown input kind {kind!r}; expected 'auto', 'adjoint', 'fbp' or 'measurements'")
