@@ -75,7 +75,7 @@ def backend_for(name: str, workers: int):
     from schedulers import get_backend
 
     if name == "local":
-        return get_backend("local", device="cpu", workers=workers, threads=1)
+        return get_backend("local", device="cpu", workers=workers)  # threads: each job's resources.cpus
     if name == "ray":
         import ray
 
@@ -88,15 +88,15 @@ def backend_for(name: str, workers: int):
 
 
 def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) -> dict:
-    import torch
     import zarr
+
+    from pipeline.worker import run_job
 
     out = base / f"{name}-{workers}.zarr"
     jobs = make_store(manifest, out, n_jobs)
     backend = backend_for(name, workers)
-    torch.set_num_threads(1)  # the in-process sequential path runs with 1 thread like the others
     t0 = time.perf_counter()
-    backend.run(jobs, out, Progress())
+    backend.run(jobs, out, Progress(), run_job)  # every backend runs a job with its resources.cpus threads
     wall = time.perf_counter() - t0
     if name == "ray":
         import ray

@@ -23,6 +23,7 @@ def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: b
     from pipeline import store as st
     from pipeline.manifest import load_manifest
     from pipeline.progress import make_progress
+    from pipeline.worker import run_job
 
     stream = stream or sys.stdout
     manifest = load_manifest(manifest_path)  # ManifestError (exit 2) before anything is written
@@ -45,7 +46,7 @@ def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: b
     t0 = time.monotonic()
     reporter.start(len(todo))
     try:
-        backend.run(todo, out, reporter)
+        backend.run(todo, out, reporter, run_job)
     finally:
         reporter.close()
     counts = summarize(out, stream, elapsed=time.monotonic() - t0)

@@ -5,6 +5,10 @@ raises for a bad job: an exception becomes status 'failed' (message and tracebac
 ledger and in the job's log), a non-finite loss 'diverged' (metrics kept up to that step).
 The ledger's status is written last, so 'done' means the data are complete. The worker only
 writes its own job's chunks; the driver created every group and array beforehand.
+
+`run_job` is the job function the driver hands to every backend. It runs the job with
+`job.resources.cpus` torch threads (recorded in the ledger), whatever the backend, so the same
+job gives the same numbers on every backend.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 import math
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +50,36 @@ def device_name(device: str | torch.device | None) -> torch.device:
     return torch.device(device) if device is not None else default_device()
 
 
+@contextmanager
+def job_threads(job: Job):
+    """The job's torch threads (its resources.cpus) while it runs; the caller's afterwards."""
+    before = torch.get_num_threads()
+    threads = max(1, int(job.resources.cpus))
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_job(job: Job, store_path: str | Path, device: str | torch.device | None = None) -> str:
     """Run one job and record it in the store; returns 'done', 'diverged' or 'failed'."""
+    with job_threads(job) as threads:
+        return _run_job(job, store_path, device, threads)
+
+
+def _run_job(job: Job, store_path: str | Path, device, threads: int) -> str:
     t0 = time.perf_counter()
     dev = device_name(device)
     label = str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})"
     log = JobLog(log_path(store_path, job.job_id))
     try:
         writer = JobWriter(store_path, job)
-        attempt = writer.start(label)
+        attempt = writer.start(label, threads)
     except Exception:
         log.line(f"cannot open the store {store_path} for job {job.job_id}:\n{traceback.format_exc()}")
         raise
-    log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label}; "
+    log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label} with {threads} thread(s); "
              f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
     error = ""
     try:

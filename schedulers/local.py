@@ -2,11 +2,13 @@
 
 `--workers N` runs a pool of N worker processes (spawn: forking a process that holds torch
 threads or a CUDA context is unsafe). Each worker gets its own GPU, round-robin over the visible
-devices, or on CPU a fixed share of the cores as torch threads (cores // N, at least 1) so the
-workers do not oversubscribe the machine. The driver hands out one job at a time per worker, so
-it always knows which job a worker runs: a worker process that dies is replaced and its job
-retried (up to `max_retries` times), then recorded as failed. Workers die with the driver
-(Linux PR_SET_PDEATHSIG), so a killed driver leaves no orphan writing into the store.
+devices; on CPU each job runs with its `resources.cpus` torch threads, set by the job function,
+as in the sequential path, on Ray and on Slurm, so every backend gives the same numbers. The
+driver hands out one job at a time per worker, so it always knows which job a worker runs: a
+worker process that dies is replaced and its job retried (up to `max_retries` times), then
+recorded as failed. Workers die with the driver (Linux PR_SET_PDEATHSIG), so a killed driver
+leaves no orphan writing into the store; they ignore SIGINT / SIGTERM (a Ctrl-C reaches the
+whole process group): the driver tells running jobs to stop, and they stop at a step boundary.
 The sequential path stays the reference.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Sequence
 
 from pipeline.jobs import Job
 from pipeline.progress import Progress
-from schedulers.base import Backend, run_one
+from schedulers.base import Backend, JobFn, run_one
 from schedulers.ledger import Snapshot, ended_since, record_lost, snapshot
 
 DEFAULT_MAX_RETRIES = 2  # a job whose worker process dies 3 times is recorded as failed
@@ -28,26 +30,33 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, device: str | None = None, workers: int = 1, max_retries: int = DEFAULT_MAX_RETRIES,
-                 threads: int | None = None, **options: Any):
+                 **options: Any):
         super().__init__(device=device, **options)
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = int(workers)
         self.max_retries = int(max_retries)
-        # torch threads per pool worker (default: cores // workers). CPU results depend on the
-        # thread count (reduction order), so equal numbers across runs need equal threads.
-        self.threads = None if threads is None else max(1, int(threads))
 
-    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress) -> None:
+    def preflight(self, jobs: Sequence[Job]) -> None:
+        from pipeline.errors import UsageError
+
+        try:
+            worker_devices(1, self.device)
+        except ValueError as err:
+            raise UsageError(f"--device {self.device}: {err}") from None
+
+    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress, job_fn: JobFn) -> None:
         if self.workers > 1 and len(jobs) > 1:
-            _Pool(self, min(self.workers, len(jobs)), str(Path(store_path).resolve()), progress).run(jobs)
+            _Pool(self, min(self.workers, len(jobs)), str(Path(store_path).resolve()), progress, job_fn).run(jobs)
         else:
-            self.run_sequential(jobs, store_path, progress)
+            self.run_sequential(jobs, store_path, progress, job_fn)
 
-    def run_sequential(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress) -> None:
+    def run_sequential(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress, job_fn: JobFn) -> None:
         for job in jobs:
+            if self.stopping.is_set():
+                return
             progress.job_started(job)
-            progress.job_finished(job, run_one(job, store_path, device=self.device))
+            progress.job_finished(job, run_one(job_fn, job, store_path, device=self.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,17 +94,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pool_worker(device: str, threads: int, store_path: str, conn: Any) -> None:
+def _pool_worker(device: str, store_path: str, conn: Any, job_fn: JobFn) -> None:
     """A pool process: run the jobs the driver sends over `conn` until it sends None."""
+    import signal
+
     _die_with_parent()
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the driver decides; its jobs stop at a step boundary
+        signal.signal(sig, signal.SIG_IGN)
     import torch
 
-    torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     while (job := conn.recv()) is not None:
-        conn.send(run_one(job, store_path, device=device))
+        conn.send(run_one(job_fn, job, store_path, device=device))
 
 
 class _Pool:
@@ -103,15 +114,15 @@ class _Pool:
     workers, so a killed worker cannot block the others); a dead process is replaced and its
     job retried."""
 
-    def __init__(self, backend: LocalBackend, n: int, store_path: str, progress: Progress):
+    def __init__(self, backend: LocalBackend, n: int, store_path: str, progress: Progress, job_fn: JobFn):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")
         self.backend = backend
         self.store_path = store_path
         self.progress = progress
+        self.job_fn = job_fn
         self.devices = worker_devices(n, backend.device)
-        self.threads = backend.threads or max(1, cpu_count() // n)
         self.procs: dict[int, Any] = {}
         self.conns: dict[int, Any] = {}
         self.running: dict[int, Job] = {}
@@ -147,13 +158,13 @@ class _Pool:
     def _start(self, slot: int) -> None:
         here, there = self.ctx.Pipe()
         proc = self.ctx.Process(target=_pool_worker, name=f"dipcohort-worker-{slot}", daemon=True,
-                                args=(self.devices[slot], self.threads, self.store_path, there))
+                                args=(self.devices[slot], self.store_path, there, self.job_fn))
         proc.start()
         there.close()  # the child holds its end; EOF on ours then means the child is gone
         self.procs[slot], self.conns[slot] = proc, here
 
     def _assign(self, slot: int) -> None:
-        if self.pending:
+        if self.pending and not self.backend.stopping.is_set():
             job = self.pending.popleft()
             self.before[slot] = _snapshot(self.store_path, job)
             self.running[slot] = job
@@ -176,6 +187,9 @@ class _Pool:
         status = ended_since(self.before[slot], _snapshot(self.store_path, job), job)
         if status:  # it recorded its outcome; only the message to the driver was lost
             self.progress.job_finished(job, status)
+        elif self.backend.stopping.is_set():  # stopping: the driver records it interrupted
+            self.progress.job_finished(job, "interrupted")
+            return
         elif self.crashes[job.job_id] <= self.backend.max_retries:
             self.progress.running -= 1  # counted again when handed out anew
             self.pending.appendleft(job)

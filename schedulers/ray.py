@@ -23,17 +23,19 @@ from typing import Any, Sequence
 
 from pipeline.jobs import Job
 from pipeline.progress import Progress
-from schedulers.base import Backend, run_one
+from schedulers.base import Backend, JobFn, run_one, with_cpus
 from schedulers.ledger import record_lost
 
 DEFAULT_MAX_RETRIES = 2  # retries after a worker process died; a job that kills its worker 3x is failed
 
 
-def _run_task(job: Job, store_path: str, device: str | None, num_cpus: float, num_gpus: float) -> str:
-    """Body of the Ray task (runs in a Ray worker process, which Ray reuses between tasks)."""
+def _run_task(job_fn: JobFn, job: Job, store_path: str, device: str | None, num_gpus: float) -> str:
+    """Body of the Ray task (runs in a Ray worker process, which Ray reuses between tasks).
+
+    The job function sets the job's torch threads (its resources.cpus), as on every backend.
+    """
     import torch
 
-    torch.set_num_threads(max(1, int(num_cpus)))
     if device is None or str(device).startswith("cuda"):
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted this task: it is cuda:0 in here
         device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -42,7 +44,7 @@ def _run_task(job: Job, store_path: str, device: str | None, num_cpus: float, nu
         # a fraction of a GPU: keep torch's caching allocator within that share of the memory
         torch.cuda.set_per_process_memory_fraction(num_gpus, torch.device(device).index or 0)
     try:
-        return run_one(job, store_path, device=device)
+        return run_one(job_fn, job, store_path, device=device)
     finally:
         if on_gpu:
             torch.cuda.empty_cache()  # the process serves the next task: hand back cached blocks
@@ -98,6 +100,30 @@ class RayBackend(Backend):
                              f"{gpus:g} GPU(s) (cluster: {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)")
         return int(slots) if slots != math.inf else 1
 
+    # ---- before anything is written --------------------------------------------------------
+    def preflight(self, jobs: Sequence[Job]) -> None:
+        """Ray installed, every job's request valid, GPUs present when asked for, the address answering."""
+        from pipeline.errors import UsageError
+
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("--backend ray: ray is not installed (pip install 'dipcohort[ray]')") from None
+        try:
+            requests = {self._resources(job) for job in jobs}
+        except ValueError as err:
+            raise UsageError(f"--backend ray: {err}") from None
+        gpus = max((g for _, g in requests), default=0.0)
+        if self.address:
+            check_reachable(self.address)
+        elif gpus > 0:
+            import torch
+
+            if torch.cuda.device_count() == 0:
+                raise UsageError(f"--backend ray: jobs ask for {gpus:g} GPU each (--gpus-per-job or the manifest's "
+                                 f"resources.gpus) but this machine has no GPU; use --gpus-per-job 0 or --device "
+                                 f"cpu, or --ray-address of a cluster with GPUs")
+
     # ---- cluster ---------------------------------------------------------------------------
     def _connect(self) -> bool:
         """Connect or start a local cluster; True when this call started Ray (and must shut it down)."""
@@ -121,40 +147,46 @@ class RayBackend(Backend):
         return True
 
     # ---- run -------------------------------------------------------------------------------
-    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress) -> None:
+    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress, job_fn: JobFn) -> None:
         if not jobs:
             return
         import ray
 
         started = self._connect()
         try:
-            self._run(list(jobs), str(Path(store_path).resolve()), progress)
+            self._run(list(jobs), str(Path(store_path).resolve()), progress, job_fn)
         finally:
             if started:
                 ray.shutdown()
 
-    def _run(self, jobs: list[Job], store_path: str, progress: Progress) -> None:
+    def _run(self, jobs: list[Job], store_path: str, progress: Progress, job_fn: JobFn) -> None:
         import ray
 
+        from pipeline.errors import UsageError
+
         task = ray.remote(_run_task)
-        limit = self.max_in_flight or (self.workers if self.workers > 1 else 2 * self._slots(jobs))
+        try:
+            limit = self.max_in_flight or (self.workers if self.workers > 1 else 2 * self._slots(jobs))
+        except ValueError as err:
+            raise UsageError(f"--backend ray: {err}") from None
         queue = iter(jobs)
         in_flight: dict[Any, Job] = {}
         try:
             while True:
-                while len(in_flight) < limit:
+                while len(in_flight) < limit and not self.stopping.is_set():
                     job = next(queue, None)
                     if job is None:
                         break
                     cpus, gpus = self._resources(job)
                     ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=self.max_retries,
                                        retry_exceptions=False, name=f"dipcohort:{job.job_id}").remote(
-                        job, store_path, self.device, cpus, gpus)
+                        job_fn, with_cpus(job, cpus), store_path, self.device, gpus)
                     in_flight[ref] = job
                     progress.job_started(job)
                 if not in_flight:
                     break
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                # a timeout, so that the driver's signal handlers run while it waits
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in ready:
                     job = in_flight.pop(ref)
                     progress.job_finished(job, self._outcome(ref, job, store_path))
@@ -175,11 +207,31 @@ class RayBackend(Backend):
             reason = (f"Ray worker process died {self.max_retries + 1} time(s) running this job "
                       f"({type(err).__name__}): {_first_line(err)}")
         except rex.TaskCancelledError as err:
+            if self.stopping.is_set():
+                return "interrupted"  # the driver records what the task could not
             reason = f"Ray task cancelled: {_first_line(err)}"
         except rex.RayError as err:  # e.g. the task could not be unpickled or imported on the node
             reason = f"Ray error ({type(err).__name__}): {_last_line(err)}\n{_plain(err)}"
         record_lost(job, store_path, reason)
         return "failed"
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing answers at a HOST:PORT Ray address."""
+    import socket
+
+    from pipeline.errors import UsageError
+
+    if address == "auto":
+        return  # ray finds the cluster this machine started (`ray start`); it says so when none
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--ray-address {address}: expected 'auto' or HOST:PORT (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UsageError(f"--ray-address {address}: nothing answers there within {timeout_s:g} s ({err}); "
+                         f"start the cluster with `ray start --head` or fix the address") from None
 
 
 def _plain(err: BaseException) -> str:
@@ -204,6 +256,10 @@ def _packages() -> list:
     import schedulers
 
     return [recon, pipeline, schedulers]
+
+
+# dests of the `dipcohort run` flags this backend reads (giving one of them with another backend is an error)
+FLAGS = ("ray_address", "gpus_per_job", "cpus_per_job")
 
 
 def add_arguments(group) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -32,9 +31,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.errors import UsageError
 from pipeline.jobs import Job
 from pipeline.progress import Progress
-from schedulers.base import Backend, run_one
+from schedulers.base import Backend, JobFn, run_one, with_cpus
 from schedulers.ledger import Snapshot, ended_since, record_lost, snapshot, started_since
 
 DEFAULT_ARRAY_PARALLELISM = 256   # submitit's default cap on simultaneously running array tasks
@@ -42,10 +42,11 @@ TIME_MARGIN_MIN = 5               # added to each array task's time limit (start
 SIGNAL_DELAY_S = 90               # submitit: USR2 this long before the time limit -> checkpoint, requeue
 MAX_TIMEOUT_REQUEUES = 5          # requeues at the time limit before submitit gives up on a task
 POLL_S = 5.0
+SLURM_COMMANDS = ("sbatch", "squeue", "scontrol", "sinfo")
 
 
-class SlurmError(RuntimeError):
-    """Slurm is missing or refused the submission (message says what to do)."""
+class SlurmError(UsageError):
+    """Slurm is missing or refused the submission (message says what to do; exit code 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ class ChunkTask:
     `checkpoint` method), without importing submitit when this module is imported.
     """
 
-    def __init__(self, store_path: str, device: str | None, before: dict[str, tuple[int, int]]):
+    def __init__(self, job_fn: JobFn, store_path: str, device: str | None, before: dict[str, tuple[int, int]]):
+        self.job_fn = job_fn
         self.store_path = store_path
         # Slurm shows a task only the GPUs it granted (CUDA_VISIBLE_DEVICES): 'cuda:K' means 'cuda' there
         self.device = "cuda" if device and device.startswith("cuda") else device
@@ -68,11 +70,8 @@ class ChunkTask:
 
     def __call__(self, jobs: list[Job]) -> dict[str, str]:
         import submitit
-        import torch
 
-        env = submitit.JobEnvironment()
-        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-        torch.set_num_threads(max(1, threads))
+        env = submitit.JobEnvironment()  # the job function sets each job's threads (its resources.cpus)
         outcomes: dict[str, str] = {}
         now = snapshot(self.store_path, jobs)
         before = Snapshot({job.index: tuple(self.before.get(job.job_id, (0, 0))) for job in jobs})
@@ -83,7 +82,7 @@ class ChunkTask:
                 continue
             _link_logs(self.store_path, job, env)
             print(f"job {job.job_id} ({job.label})", flush=True)
-            outcomes[job.job_id] = run_one(job, self.store_path, device=self.device)
+            outcomes[job.job_id] = run_one(self.job_fn, job, self.store_path, device=self.device)
             print(f"job {job.job_id}: {outcomes[job.job_id]}", flush=True)
         return outcomes
 
@@ -161,6 +160,7 @@ def active_jobs(slurm_ids: Sequence[str]) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 class SlurmBackend(Backend):
     name = "slurm"
+    detached = True  # array tasks run on when the driver stops; a rerun follows them
 
     def __init__(self, device: str | None = None, partition: str | None = None, gpus_per_job: float | None = None,
                  cpus_per_job: int | None = None, mem_gb: float | None = None, time_min: float | None = None,
@@ -196,12 +196,13 @@ class SlurmBackend(Backend):
         minutes = float(self.time_min if self.time_min is not None else r.time_min)
         return int(math.ceil(gpus)), max(1, cpus), mem, minutes
 
-    def _with_checkpoints(self, job: Job) -> Job:
-        """Jobs checkpoint so a requeued task resumes: the manifest's setting, or ~10 per run."""
+    def _prepared(self, job: Job) -> Job:
+        """The job as its array task runs it: the CPUs it is given (its torch threads) and
+        checkpoints so a requeued task resumes (the manifest's setting, or ~10 per run)."""
         every = self.checkpoint_every if self.checkpoint_every is not None else job.checkpoint_every
         if not every:
             every = max(1, job.steps // 10)
-        return replace(job, checkpoint_every=int(every))
+        return replace(with_cpus(job, self._request(job)[1]), checkpoint_every=int(every))
 
     def _executor(self, folder: Path, request: tuple[int, int, float, float], n_jobs: int, cohort: str):
         import submitit
@@ -215,7 +216,9 @@ class SlurmBackend(Backend):
             signal_delay_s=SIGNAL_DELAY_S, additional_parameters=extra,
             # the package may be a source checkout rather than installed on the nodes
             setup=[f"export PYTHONPATH={shlex_quote(str(_source_root()))}${{PYTHONPATH:+:$PYTHONPATH}}",
-                   f"export OMP_NUM_THREADS={cpus}"])
+                   f"export OMP_NUM_THREADS={cpus}",
+                   # srun (Slurm >= 22.05) no longer inherits --cpus-per-task from sbatch
+                   f"export SRUN_CPUS_PER_TASK={cpus}"])
         if gpus:
             params["gpus_per_node"] = gpus
         if self.partition:
@@ -224,7 +227,20 @@ class SlurmBackend(Backend):
         return ex
 
     # ---- run -------------------------------------------------------------------------------
-    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress) -> None:
+    def preflight(self, jobs: Sequence[Job]) -> None:
+        """submitit installed, the Slurm commands on PATH and answering, the partition known."""
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise SlurmError("--backend slurm: submitit is not installed (pip install 'dipcohort[slurm]')") from None
+        missing = [cmd for cmd in SLURM_COMMANDS if shutil.which(cmd) is None]
+        if missing:
+            raise SlurmError(f"--backend slurm: {', '.join(missing)} not found on PATH: the slurm backend needs a "
+                             f"Slurm client on this machine (on a test machine: scripts/slurm-local.sh up)")
+        max_array_size()  # the controller answers
+        check_partition(self.partition)
+
+    def run(self, jobs: Sequence[Job], store_path: str | Path, progress: Progress, job_fn: JobFn) -> None:
         from pipeline.store import open_store, work_dir
 
         store_path = str(Path(store_path).resolve())
@@ -232,12 +248,12 @@ class SlurmBackend(Backend):
         folder.mkdir(parents=True, exist_ok=True)
         check_partition(self.partition)
         earlier = self._still_queued(list(jobs), folder)
-        fresh = [self._with_checkpoints(j) for j in jobs if j.job_id not in earlier]
+        fresh = [self._prepared(j) for j in jobs if j.job_id not in earlier]
         before = snapshot(store_path, fresh)
         array_of = {job_id: sid for job_id, (sid, _) in earlier.items()}
         if fresh:
             cohort = str(open_store(store_path).attrs.get("cohort", "cohort"))
-            submitted = self._submit(fresh, folder, store_path, before, cohort)
+            submitted = self._submit(fresh, folder, store_path, before, cohort, job_fn)
             array_of.update(submitted)
             print(f"slurm: submitted {len(fresh)} jobs in Slurm job(s) {', '.join(sorted(set(submitted.values())))}; "
                   f"submitit files in {folder}", file=sys.stderr)
@@ -249,7 +265,8 @@ class SlurmBackend(Backend):
         rows.update({j.index: earlier[j.job_id][1] for j in jobs if j.job_id in earlier})
         self._follow(list(jobs), store_path, Snapshot(rows), array_of, progress)
 
-    def _submit(self, jobs: list[Job], folder: Path, store_path: str, before: Snapshot, cohort: str) -> dict[str, str]:
+    def _submit(self, jobs: list[Job], folder: Path, store_path: str, before: Snapshot, cohort: str,
+                job_fn: JobFn) -> dict[str, str]:
         """Submit chunks of jobs as arrays (grouped by request, split at MaxArraySize); job id -> Slurm id."""
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
@@ -270,7 +287,7 @@ class SlurmBackend(Backend):
                     extra["dependency"] = f"afterany:{ids[k - self.array_parallelism]}"
                 ex.update_parameters(array_parallelism=caps[k], additional_parameters=extra)
                 members_part = [j for c in part for j in c]
-                task = ChunkTask(store_path, self.device, {j.job_id: entry[j.job_id] for j in members_part})
+                task = ChunkTask(job_fn, store_path, self.device, {j.job_id: entry[j.job_id] for j in members_part})
                 try:
                     handles = ex.map_array(task, part)
                 except Exception as err:  # noqa: BLE001 - sbatch's refusal, said plainly
@@ -313,13 +330,16 @@ class SlurmBackend(Backend):
         try:
             self._poll(waiting, started, store_path, before, array_of, progress)
         except KeyboardInterrupt:
-            print(f"\nslurm: stopped waiting; {len(waiting)} job(s) go on running on Slurm. Follow them with "
-                  f"`dipcohort status {store_path}`", file=sys.stderr)
+            self.stopping.set()
             raise
+        finally:
+            if waiting and self.stopping.is_set():
+                print(f"slurm: stopped waiting; {len(waiting)} job(s) go on running on Slurm. Follow them with "
+                      f"`dipcohort status {store_path}` or rerun to wait for them", file=sys.stderr)
 
     def _poll(self, waiting: dict[str, Job], started: set[str], store_path: str, before: Snapshot,
               array_of: dict[str, str], progress: Progress) -> None:
-        while waiting:
+        while waiting and not self.stopping.is_set():
             live = active_jobs(sorted({array_of[j] for j in waiting}))
             now = snapshot(store_path, list(waiting.values()))
             for job_id, job in list(waiting.items()):
@@ -335,7 +355,7 @@ class SlurmBackend(Backend):
                     progress.job_finished(job, status)
                     del waiting[job_id]
             if waiting:
-                time.sleep(self.poll_s)
+                self.stopping.wait(self.poll_s)
 
     @staticmethod
     def _lost(job: Job, store_path: str, slurm_id: str) -> str:
@@ -367,6 +387,11 @@ def shlex_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+# dests of the `dipcohort run` flags this backend reads (giving one of them with another backend is an error)
+FLAGS = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "time_min", "array_parallelism", "jobs_per_task",
+         "sbatch", "no_wait")
 
 
 def add_arguments(group) -> None:

@@ -1,8 +1,9 @@
 """Shared pieces of the scheduler tests: a tiny cohort, its store, a reference run, comparisons.
 
-Every backend must give the numbers of the sequential local backend. On CPU torch's results
-depend on the number of threads (reduction order), so the reference runs with 1 thread and the
-backends under test are given 1 CPU / 1 thread per job too.
+Every backend must give the numbers of the sequential local backend, at default settings: a
+job's torch threads are its resources.cpus on every backend (set by the worker), so nothing is
+pinned here. On CPU torch's results depend on the thread count (reduction order), which is why
+the thread count is part of the job.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 
 from pipeline.jobs import STATUS_NAMES, Job
@@ -26,9 +26,9 @@ SCANS = {"cam": "skimage:camera", "moon": "skimage:moon"}
 
 
 def write_manifest(path: Path, *, steps: int = 100, seeds=(0, 1), scans: dict[str, str] | None = None,
-                   checkpoint_every: int = 0, cohort: str = "sched") -> Path:
+                   checkpoint_every: int = 0, cohort: str = "sched", cpus: int = 1) -> Path:
     lines = [f"cohort: {cohort}", f"steps: {steps}", f"seeds: [{', '.join(map(str, seeds))}]", "size: 32",
-             "metrics: {ssim_every: 10}", "resources: {gpus: 0, cpus: 1, mem_gb: 1, time_min: 10}",
+             "metrics: {ssim_every: 10}", f"resources: {{gpus: 0, cpus: {cpus}, mem_gb: 1, time_min: 10}}",
              f"checkpoint_every: {checkpoint_every}", "scans:"]
     for scan_id, source in (scans or SCANS).items():
         lines.append(f'  - {{id: {scan_id}, source: "{source}", task: denoise, params: {{sigma: 25}}}}')
@@ -51,19 +51,15 @@ _REFERENCES: dict[tuple, Path] = {}
 
 
 def reference_store(manifest_path: Path, base: Path) -> Path:
-    """The manifest run sequentially in this process with 1 torch thread (computed once per session)."""
+    """The manifest run by the sequential local backend in this process (computed once per session)."""
+    from pipeline.worker import run_job
     from schedulers.local import LocalBackend
 
     key = (manifest_path.read_text(),)
     if key not in _REFERENCES:
         out = base / f"reference-{len(_REFERENCES)}.zarr"
         jobs = make_store(manifest_path, out)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            LocalBackend(device="cpu").run(jobs, out, Progress())
-        finally:
-            torch.set_num_threads(threads)
+        LocalBackend(device="cpu").run(jobs, out, Progress(), run_job)
         assert set(statuses(out).values()) == {"done"}, statuses(out)
         _REFERENCES[key] = out
     return _REFERENCES[key]
@@ -72,6 +68,12 @@ def reference_store(manifest_path: Path, base: Path) -> Path:
 def statuses(store: Path) -> dict[str, str]:
     g = zarr.open_group(str(store), mode="r")["jobs"]
     return {str(j): STATUS_NAMES[int(s)] for j, s in zip(g["job_id"][:], g["status"][:])}
+
+
+def threads(store: Path) -> dict[str, int]:
+    """The torch threads each job ran with (the ledger's record)."""
+    g = zarr.open_group(str(store), mode="r")["jobs"]
+    return {str(j): int(t) for j, t in zip(g["job_id"][:], g["threads"][:])}
 
 
 def attempts(store: Path) -> dict[str, int]:
@@ -115,7 +117,7 @@ def log_text(store: Path, job_id: str) -> str:
 
 
 def cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """`dipcohort ARGS` in a subprocess with 1 torch thread (like the reference)."""
+    """`dipcohort ARGS` in a subprocess (default settings: threads come from the jobs)."""
     out = subprocess.run([sys.executable, "-m", "dipcohort", *args], cwd=REPO, env=cli_env(),
                          capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and out.returncode != 0:
@@ -123,8 +125,9 @@ def cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subpr
     return out
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHONPATH=str(REPO), **extra)
     return env
 
 

@@ -16,8 +16,7 @@ def test_killed_driver_rerun_runs_only_unfinished_jobs(tmp_path):
     manifest = sc.write_manifest(tmp_path / "cohort.yaml", steps=120)
     reference = sc.reference_store(manifest, tmp_path)
     out = tmp_path / "driver.zarr"
-    args = ["run", str(manifest), "--out", str(out), "--workers", "2", "--device", "cpu", "--progress", "plain",
-            "-o", "threads=1"]
+    args = ["run", str(manifest), "--out", str(out), "--workers", "2", "--device", "cpu", "--progress", "plain"]
     driver = subprocess.Popen([sys.executable, "-m", "dipcohort", *args], cwd=sc.REPO, env=sc.cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

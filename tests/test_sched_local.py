@@ -10,6 +10,7 @@ import pytest
 
 import sched_common as sc
 from pipeline.progress import Progress
+from pipeline.worker import run_job
 from schedulers.local import LocalBackend, worker_devices
 
 
@@ -25,8 +26,8 @@ def test_pool_of_two_matches_sequential_and_replaces_a_killed_worker(cohort, tmp
     out = tmp_path / "pool-kill.zarr"
     jobs = sc.make_store(manifest, out)
     progress = Progress()
-    backend = LocalBackend(device="cpu", workers=2, threads=1)
-    runner = threading.Thread(target=backend.run, args=(jobs, out, progress))
+    backend = LocalBackend(device="cpu", workers=2)   # default settings: threads come from the jobs
+    runner = threading.Thread(target=backend.run, args=(jobs, out, progress, run_job))
     runner.start()
     try:
         # both workers busy (jobs 0 and 1 started, 4 jobs in all): kill one of them mid-job
@@ -44,7 +45,30 @@ def test_pool_of_two_matches_sequential_and_replaces_a_killed_worker(cohort, tmp
     retried = [j for j, n in tries.items() if n == 2][0]
     assert sc.log_text(out, retried).count("start job") == 2
     assert progress.counts["done"] == len(jobs)
+    assert set(sc.threads(out).values()) == {1}
     sc.assert_same_results(out, reference)
+
+
+def test_job_threads_are_its_cpus_sequential_and_pool(tmp_path):
+    """resources.cpus: 2 gives 2 torch threads in the driver process and in pool workers alike
+    (recorded in the ledger), the same numbers, and the caller's thread count back afterwards."""
+    import torch
+
+    manifest = sc.write_manifest(tmp_path / "two.yaml", steps=30, seeds=(0,), cpus=2)
+    before = torch.get_num_threads()
+    reference = sc.reference_store(manifest, tmp_path)
+    assert torch.get_num_threads() == before
+    assert set(sc.threads(reference).values()) == {2}
+    out = tmp_path / "pool.zarr"
+    jobs = sc.make_store(manifest, out)
+    LocalBackend(device="cpu", workers=2).run(jobs, out, Progress(), run_job)
+    assert set(sc.threads(out).values()) == {2}
+    sc.assert_same_results(out, reference)
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ValueError, match="no option.*threads.*its options: device, max_retries, workers"):
+        LocalBackend(threads=1)
 
 
 def test_worker_devices_round_robin_and_cpu():

@@ -32,11 +32,12 @@ def cohort(tmp_path_factory):
 
 
 def _run(jobs, out, **options):
+    from pipeline.worker import run_job
     from schedulers import get_backend
 
     progress = Progress()
     progress.start(len(jobs))
-    get_backend("ray", device="cpu", cpus_per_job=1, **options).run(jobs, out, progress)
+    get_backend("ray", device="cpu", **options).run(jobs, out, progress, run_job)  # default settings
     return progress
 
 
@@ -48,6 +49,7 @@ def test_ray_matches_local(cluster, cohort, tmp_path):
     assert progress.counts["done"] == len(jobs) == 4
     assert set(sc.statuses(out).values()) == {"done"}
     assert set(sc.attempts(out).values()) == {1}
+    assert set(sc.threads(out).values()) == {1}   # the manifest's resources.cpus, as in the reference
     sc.assert_same_results(out, reference)
 
 

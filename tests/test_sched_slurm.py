@@ -49,7 +49,7 @@ def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
     reference = sc.reference_store(manifest, tmp_path)
     out = tmp_path / "slurm.zarr"
     common = ("--out", str(out), "--backend", "slurm", "--device", "cpu", "--progress", "plain")
-    submit = sc.cli("run", str(manifest), *common, "--no-wait", "--array-parallelism", "2", "--cpus-per-job", "1")
+    submit = sc.cli("run", str(manifest), *common, "--no-wait", "--array-parallelism", "2")
     assert "not waiting" in submit.stderr
     records = _submissions(out)
     # arrays are split at MaxArraySize (3 on scripts/slurm-local.sh's cluster: arrays of 3 and 1 jobs)
@@ -70,6 +70,7 @@ def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
     assert "done 4" in follow.stdout
     assert set(sc.statuses(out).values()) == {"done"}
     assert set(sc.attempts(out).values()) == {1}
+    assert set(sc.threads(out).values()) == {1}
     sc.assert_same_results(out, reference)
     # each job's log names its Slurm task; logs/<job>.slurm.out links to submitit's stdout
     from pipeline.store import log_path
@@ -91,6 +92,7 @@ def test_split_parallelism_caps_add_up():
 
 def test_requeued_task_resumes_from_checkpoint_with_same_numbers(tmp_path):
     from pipeline.store import checkpoint_path
+    from pipeline.worker import run_job
     from schedulers.slurm import SlurmBackend
 
     # ~20 s of solving on an idle core: long enough that the requeue always lands mid-run
@@ -100,13 +102,13 @@ def test_requeued_task_resumes_from_checkpoint_with_same_numbers(tmp_path):
     out = tmp_path / "requeue.zarr"
     jobs = sc.make_store(manifest, out)
     (job,) = jobs
-    SlurmBackend(device="cpu", cpus_per_job=1, wait=False).run(jobs, out, Progress())
+    SlurmBackend(device="cpu", wait=False).run(jobs, out, Progress(), run_job)
     (record,) = _submissions(out)
     # once the job has written a checkpoint, requeue its task (Slurm kills it and queues it again)
     sc.wait_for(lambda: checkpoint_path(out, job.job_id).is_file(), 180, "the job's first checkpoint")
     subprocess.run(["scontrol", "requeue", record["slurm_job"]], check=True, capture_output=True, timeout=30)
     progress = Progress()
-    SlurmBackend(device="cpu", cpus_per_job=1, poll_s=1).run(jobs, out, progress)  # follows the queued task
+    SlurmBackend(device="cpu", poll_s=1).run(jobs, out, progress, run_job)  # follows the queued task
     assert progress.counts["done"] == 1
     assert sc.statuses(out) == {job.job_id: "done"}
     assert sc.attempts(out)[job.job_id] == 2

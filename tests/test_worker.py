@@ -117,7 +117,7 @@ def test_exception_is_failed_with_traceback_and_other_jobs_still_run(tmp_path):
     (tmp_path / "img.npy").unlink()  # the file disappears after the store was made
     progress = Progress()
     progress.start(len(jobs))
-    get_backend("local", device="cpu").run(jobs, out, progress)
+    get_backend("local", device="cpu").run(jobs, out, progress, run_job)
     assert progress.counts == {"done": 2, "failed": 1}
 
     table = st.ledger_table(out)
