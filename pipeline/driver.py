@@ -5,12 +5,16 @@ backend that runs the jobs is built by the caller (pipeline never imports schedu
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.errors import Interrupted, UsageError
 from pipeline.jobs import STATUS_CODES, Job
 
 
@@ -18,46 +22,152 @@ from pipeline.jobs import STATUS_CODES, Job
 # the run
 # ---------------------------------------------------------------------------------------------
 def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: bool = False,
-               retry_failed: bool = False, progress: str = "auto", stream=None) -> dict[str, int]:
-    """Run a manifest into `out` with `backend` (a schedulers.Backend); returns counts per status."""
-    from pipeline import store as st
+               retry_failed: bool = False, progress: str = "auto", stream=None, allow_missing: bool = False,
+               wait_lock: float | None = None, stale_after: float | None = None) -> dict[str, int]:
+    """Run a manifest into `out` with `backend` (a schedulers.Backend); returns counts per status.
+
+    Order: validate everything (manifest, scans and solver configurations, the backend) before
+    writing anything; take the store's lease (one driver at a time); create or reopen the store;
+    run; summarize. Ctrl-C / SIGTERM while jobs run: they stop at a step boundary, are recorded
+    'interrupted', and `pipeline.errors.Interrupted` is raised (exit code 128 + signal).
+    """
+    from pipeline.lease import STALE_AFTER_S, Lease
     from pipeline.manifest import load_manifest
-    from pipeline.progress import make_progress
-    from pipeline.worker import run_job
+    from pipeline.preflight import check_manifest
 
     stream = stream or sys.stdout
-    manifest = load_manifest(manifest_path)  # ManifestError (exit 2) before anything is written
     out = Path(out)
-    if _is_store(out):
-        jobs = _reopen(out, manifest, st)
-        print(f"resuming {out} ({len(jobs)} jobs of cohort {manifest.cohort!r})", file=stream)
-    else:
+    manifest = load_manifest(manifest_path)  # ManifestError (exit 2) before anything is written
+    existing = _is_store(out)
+    if not existing:
         if resume:
             raise UsageError(f"--resume: {out} is not an existing results store")
         if out.exists() and any(out.iterdir()):
             raise UsageError(f"--out {out}: exists and is not a results store; choose a new directory")
-        jobs = create_cohort_store(out, manifest, stream)
+    backend.preflight(manifest.jobs)  # cheap: before loading every scan
+    check = None if existing else check_manifest(manifest, allow_missing=allow_missing)
+    with Lease(out, stale_after=stale_after or STALE_AFTER_S).acquire(wait=wait_lock) as lease:
+        if lease.taken_over or lease.stale_reason:
+            print(f"took over the lease of a driver that is gone ({lease.stale_reason}"
+                  f"{'; it was ' + lease.taken_over.describe() if lease.taken_over else ''})", file=stream)
+        with _signals_stop(out, backend) as stopping:
+            jobs = _open_or_create(out, manifest, check, stream)
+            if lease.taken_over or lease.stale_reason:
+                mark_interrupted(out, jobs, "its driver was gone (lease taken over)", stream)
+            counts = _run(out, jobs, backend, retry_failed, progress, stream, stopping)
+    return counts
+
+
+def _open_or_create(out: Path, manifest, check, stream) -> list[Job]:
+    if _is_store(out):
+        jobs = _reopen(out, manifest)
+        print(f"resuming {out} ({len(jobs)} jobs of cohort {manifest.cohort!r})", file=stream)
+        return jobs
+    return create_cohort_store(out, manifest, stream, check=check)
+
+
+def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str, stream, stopping) -> dict[str, int]:
+    from pipeline import store as st
+    from pipeline.lease import clear_stop
+    from pipeline.progress import make_progress
+    from pipeline.worker import run_job
+
     root = st.open_store(out)
     todo = st.jobs_to_run(root, jobs, retry_failed=retry_failed)
     if any(not j.image_group for j in todo):
         todo = _place_late(out, todo, stream)
     print(f"{len(todo)} of {len(jobs)} jobs to run on backend {backend.name}", file=stream)
+    clear_stop(out)  # a stop request left by a driver that was killed while stopping
     reporter = make_progress(progress)
     t0 = time.monotonic()
     reporter.start(len(todo))
+    stopping.graceful = True
     try:
         backend.run(todo, out, reporter, run_job)
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        stopping.signum = stopping.signum or signal.SIGINT
     finally:
+        stopping.graceful = False
         reporter.close()
-    counts = summarize(out, stream, elapsed=time.monotonic() - t0)
-    return counts
+        clear_stop(out)
+    if stopping.signum is not None:
+        if not backend.detached:
+            mark_interrupted(out, todo, f"stopped by signal {stopping.name}", stream=None)
+        counts = summarize(out, stream, elapsed=time.monotonic() - t0)
+        print(f"stopped by {stopping.name}: interrupted jobs continue when you rerun the same command",
+              file=sys.stderr)
+        raise Interrupted(stopping.signum)
+    return summarize(out, stream, elapsed=time.monotonic() - t0)
+
+
+class _Stopping:
+    """What the signal handler saw: the first signal stops gracefully while jobs run, else at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.graceful = False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+@contextmanager
+def _signals_stop(out: Path, backend):
+    """SIGINT / SIGTERM: ask running jobs to stop at a step boundary; a second signal stops at once."""
+    from pipeline.lease import request_stop
+
+    state = _Stopping()
+
+    def handler(signum, frame):
+        if state.signum is not None or not state.graceful:  # stop at once (unwinds like Ctrl-C)
+            state.signum = state.signum or signum
+            raise KeyboardInterrupt
+        state.signum = signum
+        print(f"\n{state.name}: stopping; running jobs stop at their next step and are recorded as interrupted "
+              f"(again to stop at once)", file=sys.stderr, flush=True)
+        if not backend.detached:
+            request_stop(out, f"{state.name} to the driver (pid {os.getpid()})")
+        backend.request_stop()
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield state
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    except KeyboardInterrupt:
+        signum = state.signum or signal.SIGINT
+        print(f"\nstopped by {signal.Signals(signum).name}", file=sys.stderr)
+        raise Interrupted(signum) from None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def mark_interrupted(out: Path, jobs: list[Job], reason: str, stream=None) -> list[Job]:
+    """Record as 'interrupted' those of `jobs` the ledger still says are running (their worker is gone)."""
+    from pipeline import store as st
+    from pipeline.jobs import STATUS_CODES
+
+    codes = st.statuses(st.open_store(out))
+    left = [j for j in jobs if int(codes[j.index]) == STATUS_CODES["running"]]
+    for job in left:
+        st.JobWriter(out, job).finish("interrupted", float("nan"), f"interrupted: {reason}")
+    if left and stream is not None:
+        shown = ", ".join(j.label for j in left[:10]) + (f" and {len(left) - 10} more" if len(left) > 10 else "")
+        print(f"{len(left)} job(s) were left running ({reason}): {shown}; recorded as interrupted, they run again",
+              file=stream)
+    return left
 
 
 def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def _reopen(out: Path, manifest, st) -> list[Job]:
+def _reopen(out: Path, manifest) -> list[Job]:
+    from pipeline import store as st
+
     try:
         root = st.open_store(out)
         return st.match_jobs(root, manifest.jobs, out)
@@ -65,15 +175,20 @@ def _reopen(out: Path, manifest, st) -> list[Job]:
         raise UsageError(str(err)) from None
 
 
-def create_cohort_store(out: str | Path, manifest, stream=None) -> list[Job]:
-    """Probe shapes, create the store; jobs of scans that cannot be loaded are recorded failed.
+def create_cohort_store(out: str | Path, manifest, stream=None, check=None) -> list[Job]:
+    """Create the store from the pre-flight's shapes; jobs of scans that cannot be loaded are recorded failed.
 
-    Returns the manifest's jobs placed at their rows and image groups.
+    `check` is `pipeline.preflight.check_manifest`'s result (computed here, with unloadable
+    scans allowed, when not given). Returns the manifest's jobs placed at their rows and image groups.
     """
     from pipeline import store as st
+    from pipeline.preflight import check_manifest
 
     stream = stream or sys.stdout
-    shapes, errors = _probe(manifest, stream)
+    check = check or check_manifest(manifest, allow_missing=True)
+    shapes, errors = check.shapes, check.unloadable
+    for scan_id, err in errors.items():
+        print(f"warning: scan {scan_id}: {err.splitlines()[0]} (its jobs are recorded as failed)", file=stream)
     jobs = manifest.jobs
     ok = [j for j in jobs if j.scan.id in shapes]
     placed, groups = st.assign_image_groups(ok, shapes)
@@ -112,25 +227,6 @@ def _place_late(out: Path, todo: list[Job], stream) -> list[Job]:
     return [placed.get(j.job_id, j) for j in todo if j.image_group or j.job_id in placed]
 
 
-def _probe(manifest, stream, dry: bool = False) -> tuple[dict, dict[str, str]]:
-    """Image shape per loadable scan, and the load error of each scan that is not."""
-    from pipeline.scans import probe_shapes
-
-    shapes, errors = {}, {}
-    try:
-        shapes = probe_shapes(manifest.scans)
-    except Exception:  # noqa: BLE001 - find the bad scans one by one, keep the good ones
-        for scan in manifest.scans:
-            try:
-                shapes.update(probe_shapes([scan], threads=1))
-            except Exception as err:  # noqa: BLE001
-                errors[scan.id] = f"{type(err).__name__}: {err}"
-    for scan_id, err in errors.items():
-        print(f"warning: scan {scan_id}: {err} (its jobs {'would be' if dry else 'are'} recorded as failed)",
-              file=stream)
-    return shapes, errors
-
-
 def summarize(out: str | Path, stream=None, elapsed: float | None = None) -> dict[str, int]:
     from pipeline.store import ledger_table
 
@@ -152,6 +248,7 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
     """Print what a run would do; write nothing."""
     from pipeline import store as st
     from pipeline.manifest import load_manifest
+    from pipeline.preflight import check_manifest
 
     stream = stream or sys.stdout
     manifest = load_manifest(manifest_path)
@@ -161,12 +258,16 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
     print(f"cohort {manifest.cohort!r}: {len(manifest.scans)} scans × {len(manifest.configs)} solver "
           f"configurations × {'/'.join(map(str, seeds))} seed(s) = {len(jobs)} jobs", file=stream)
     if _is_store(out):
-        placed = _reopen(out, manifest, st)
+        placed = _reopen(out, manifest)
         todo = st.jobs_to_run(st.open_store(out), placed)
         print(f"{out} exists: {len(todo)} of {len(jobs)} jobs still to run (failed ones only with --retry-failed)",
               file=stream)
     _print_resources(manifest, stream)
-    shapes, errors = _probe(manifest, stream, dry=True)
+    check = check_manifest(manifest, allow_missing=True)  # an invalid parameter or configuration: exit 2
+    shapes = check.shapes
+    for scan_id, err in check.unloadable.items():
+        print(f"warning: scan {scan_id}: {err.splitlines()[0]} (a run stops here unless --allow-missing, "
+              f"which records its jobs as failed)", file=stream)
     ok = [j for j in jobs if j.scan.id in shapes]
     if ok:
         placed, groups = st.assign_image_groups(ok, shapes)

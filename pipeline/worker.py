@@ -8,7 +8,11 @@ writes its own job's chunks; the driver created every group and array beforehand
 
 `run_job` is the job function the driver hands to every backend. It runs the job with
 `job.resources.cpus` torch threads (recorded in the ledger), whatever the backend, so the same
-job gives the same numbers on every backend.
+job gives the same numbers on every backend. While it runs it renews the job's ledger heartbeat
+(every `JOB_HEARTBEAT_S`), so `status` tells a running job from one whose worker died. When the
+driver asks to stop (`pipeline.lease.request_stop`), the job stops at its next step boundary,
+leaves a checkpoint and is recorded 'interrupted'; a rerun continues from that checkpoint. A
+job not yet started when the stop comes is left as it is (pending) and returns 'interrupted'.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.jobs import Job
+from pipeline.lease import JOB_HEARTBEAT_S, StopCheck
 from pipeline.scans import build_problem, reference_image
 from pipeline.store import JobWriter, checkpoint_path, log_path
 
@@ -63,12 +68,17 @@ def job_threads(job: Job):
 
 
 def run_job(job: Job, store_path: str | Path, device: str | torch.device | None = None) -> str:
-    """Run one job and record it in the store; returns 'done', 'diverged' or 'failed'."""
+    """Run one job and record it in the store; returns 'done', 'diverged', 'failed' or 'interrupted'."""
+    stop = StopCheck(store_path)
+    if stop():
+        return "interrupted"  # the driver is stopping: leave the job for the rerun, untouched
     with job_threads(job) as threads:
-        return _run_job(job, store_path, device, threads)
+        return _run_job(job, store_path, device, threads, stop)
 
 
-def _run_job(job: Job, store_path: str | Path, device, threads: int) -> str:
+def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopCheck) -> str:
+    from recon.solvers.loop import StopRequested
+
     t0 = time.perf_counter()
     dev = device_name(device)
     label = str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})"
@@ -83,7 +93,14 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int) -> str:
              f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
     error = ""
     try:
-        status = _execute(job, store_path, dev, writer, log)
+        status = _execute(job, store_path, dev, writer, log, stop)
+    except StopRequested as err:
+        status, error = "interrupted", f"stopped by the driver: {err}"
+        log.line(error)
+    except KeyboardInterrupt:  # stopped at once (a second Ctrl-C, a cancelled Ray task): record, go on stopping
+        writer.finish("interrupted", time.perf_counter() - t0, "stopped at once (KeyboardInterrupt)")
+        log.line("interrupted at once (KeyboardInterrupt)")
+        raise
     except Exception as err:  # noqa: BLE001 - one bad scan never stops the cohort
         status = "failed"
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
@@ -94,7 +111,20 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int) -> str:
     return status
 
 
-def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog) -> str:
+def _heartbeat(writer: JobWriter, every_s: float = JOB_HEARTBEAT_S):
+    """A loop progress callback that renews the job's ledger heartbeat at most every `every_s`."""
+    last = [time.monotonic()]
+
+    def beat(step: int, total: int, values: dict) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            writer.heartbeat()
+    return beat
+
+
+def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog,
+             stop: StopCheck) -> str:
     from recon.simulate import degraded_image
     from recon.solvers import run_solver
 
@@ -106,9 +136,11 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
     resumed = ckpt.is_file()
     if resumed:
         log.line(f"resuming from checkpoint {ckpt}")
+    # the checkpoint path is always given: a stop request leaves a checkpoint there (periodic
+    # checkpoints only with checkpoint_every), so a rerun continues where the job stopped
     result = run_solver(job.solver, problem, steps=job.steps, params=job.params, seed=job.seed, device=dev,
-                        ssim_every=job.ssim_every, checkpoint_path=ckpt if job.checkpoint_every else None,
-                        checkpoint_every=job.checkpoint_every, progress=None)
+                        ssim_every=job.ssim_every, checkpoint_path=ckpt, checkpoint_every=job.checkpoint_every,
+                        progress=_heartbeat(writer), should_stop=stop)
     writer.metrics(result.history)
     writer.summary(result.summary())
     writer.images(final=result.image, early_stopped=result.es_image, ema=result.ema_image,

@@ -40,7 +40,7 @@ class Backend(ABC):
 
     def __init__(self, device: str | None = None, **unknown: Any):
         if unknown:
-            raise ValueError(f"the {self.name} backend has no option(s) {', '.join(sorted(unknown))}; "
+            raise ValueError(f"the {self.name} backend has no option(s) {', '.join(sorted(unknown))} (-o KEY=VALUE); "
                              f"its options: {', '.join(self.option_names())}")
         self.device = device
         self.stopping = threading.Event()

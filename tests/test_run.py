@@ -81,8 +81,10 @@ def test_run_status_resume_and_retry(tmp_path, capsys):
     (tmp_path / "second").mkdir()
     m2, out2 = setup(tmp_path / "second")
     (tmp_path / "second" / "img.npy").unlink()
-    assert run(m2, "--out", out2) == 1  # exit 1: some jobs failed
-    capsys.readouterr()
+    assert run(m2, "--out", out2) == 2  # a missing source stops the run before anything is written
+    assert "img.npy: no such file" in capsys.readouterr().err and not out2.exists()
+    assert run(m2, "--out", out2, "--allow-missing") == 1  # exit 1: some jobs failed
+    assert "warning: scan file" in capsys.readouterr().out  # listed at the start
     table = st.ledger_table(out2)
     assert sorted(table["status"]) == ["done", "done", "failed", "failed"]
     failed_ids = set(table["job_id"][table["status"] == "failed"])
@@ -156,14 +158,35 @@ def test_changed_manifest_needs_a_new_store(tmp_path, capsys):
     assert "not an existing results store" in capsys.readouterr().err
 
 
-def test_unloadable_scan_is_recorded_failed_at_creation(tmp_path, capsys):
-    m, out = setup(tmp_path, MANIFEST.replace("{sigma: 25}", "{sigma: -5}"))
-    assert run(m, "--out", out) == 1
-    printed = capsys.readouterr().out
-    assert "warning: scan cam" in printed
+@pytest.mark.parametrize("change, expected", [
+    (("{sigma: 25}", "{sigma: -5}"), "parameter 'sigma' must lie in [0.0, inf], got -5"),
+    (("task: denoise, params: {sigma: 25}", "task: ct, params: {views: 0}"), "parameter 'views' must lie in [1, inf]"),
+    (("{name: aseqdip, params: {network: tiny}}", "{name: fbp}"), "fbp: filtered back-projection exists for CT only"),
+    (("{name: aseqdip, params: {network: tiny}}", "{name: deep-decoder, params: {network: tiny}}"),
+     "deep-decoder: network must be a Deep Decoder preset"),
+    (('"skimage:camera"', "gone.npy"), "gone.npy: no such file"),
+    (('"skimage:camera"', "empty.npy"), "empty.npy"),
+])
+def test_invalid_scan_or_solver_exits_2_and_writes_nothing(tmp_path, capsys, change, expected):
+    """The checks of `dipcohort recon`, on every scan and solver configuration, before anything is written."""
+    m, out = setup(tmp_path, MANIFEST.replace(*change))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["run", str(m), "--out", str(out), "--device", "cpu", "--progress", "quiet"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(m) in err and len(err.strip().splitlines()) <= 3, err
+    assert sorted(tmp_path.rglob("*")) == before  # no store, no work folder, no lease
+    if "sigma" in change[1] or "views" in change[1] or "name:" in change[1]:  # a dry run refuses it too
+        assert main(["run", str(m), "--out", str(out), "--dry-run"]) == 2
+
+
+def test_allow_missing_records_the_missing_scan_failed(tmp_path, capsys):
+    m, out = setup(tmp_path, MANIFEST.replace('"skimage:camera"', "gone.npy"))
+    assert run(m, "--out", out, "--allow-missing") == 1
+    assert "warning: scan cam" in capsys.readouterr().out
     table = st.ledger_table(out)
     bad = table[table["scan_id"] == "cam"]
-    assert list(bad["status"]) == ["failed", "failed"] and all("sigma" in e for e in bad["error"])
+    assert list(bad["status"]) == ["failed", "failed"] and all("gone.npy" in e for e in bad["error"])
     assert list(table[table["scan_id"] == "file"]["status"]) == ["done", "done"]
 
 
@@ -211,3 +234,69 @@ def test_every_shipped_manifest_validates_with_dry_run(tmp_path, monkeypatch, ca
         assert not out.exists()
     if os.environ.get("DIPCOHORT_FULL_DEMO"):  # opt-in: the whole demo (minutes)
         assert run(REPO / "manifests" / "demo.yaml", "--out", tmp_path / "demo.zarr") == 0
+
+
+# ------------------------------------------------------------------------ the command line's errors
+@pytest.mark.parametrize("extra, expected", [
+    (("--partition", "gpu"), "--partition applies to --backend slurm, not --backend local"),
+    (("--ray-address", "auto"), "--ray-address applies to --backend ray, not --backend local"),
+    (("--backend", "ray", "--jobs-per-task", "4"), "--jobs-per-task applies to --backend slurm, not --backend ray"),
+    (("-o", "max_in_flight=3"), "the local backend has no option(s) max_in_flight"),
+    (("-o", "novalue"), "-o/--option 'novalue': expected KEY=VALUE"),
+])
+def test_backend_flags_it_does_not_take_are_errors(tmp_path, capsys, extra, expected):
+    m, out = setup(tmp_path)
+    assert main(["run", str(m), "--out", str(out), *extra]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists() and not st.work_dir(out).exists()
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    m, _ = setup(tmp_path)
+    file = tmp_path / "taken"
+    file.write_text("x")
+    assert main(["run", str(m), "--out", str(file)]) == 2
+    assert f"--out {file}: exists and is a file" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--out", str(file)]) == 2
+    assert f"--out {file}: exists and is a file" in capsys.readouterr().err
+    assert main(["demo", "--out", str(file)]) == 2
+    assert "exists and is a file" in capsys.readouterr().err
+
+
+def test_os_errors_name_the_file_and_bugs_go_to_a_log(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from dipcohort.commands import status
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.zarr" / "c" / "0"))
+
+    monkeypatch.setattr(status, "main", full)
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.zarr/c/0: no space left on the device" in err
+
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(status, "main", bug)
+    assert main(["status", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unexpected error: ZeroDivisionError: a bug" in err
+    log = Path(err.rsplit("the traceback is in ", 1)[1].strip())
+    assert "Traceback (most recent call last)" in log.read_text() and "ZeroDivisionError" in log.read_text()
+    log.unlink()
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    m, out = setup(tmp_path, MANIFEST.replace("  - {name: aseqdip, params: {network: tiny}}\n", ""))
+    assert run(m, "--out", out) == 0
+    env = {k: v for k, v in os.environ.items()}
+    env["PYTHONPATH"] = str(REPO)
+    # `true` exits without reading, long before Python has started: every write meets a closed pipe
+    piped = subprocess.run(["bash", "-c", f"{sys.executable} -m dipcohort status {out} | true; "
+                            f"echo ${{PIPESTATUS[0]}}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert piped.stdout.strip() == "0" and piped.stderr == "", piped.stderr

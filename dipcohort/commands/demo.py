@@ -35,7 +35,7 @@ def demo_manifest() -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipcohort.commands.run import make_backend
+    from dipcohort.commands.run import check_out, make_backend
     from pipeline.driver import run_cohort
     from pipeline.report import report
 
@@ -44,8 +44,8 @@ def main(args: argparse.Namespace) -> int:
     manifest = Path(args.manifest) if args.manifest else demo_manifest()
     if not manifest.is_file():
         raise UsageError(f"--manifest {manifest}: no such file")
-    out = Path(args.out)
-    store = out / "demo.zarr"
+    out = check_out(args.out)
+    store = check_out(out / "demo.zarr", "--out")
     out.mkdir(parents=True, exist_ok=True)
     backend = make_backend("local", {"workers": args.workers, "device": args.device})
     counts = run_cohort(manifest, store, backend)

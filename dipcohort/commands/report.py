@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipeline.errors import UsageError
 
@@ -16,9 +17,13 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dipcohort.commands.run import check_out
     from pipeline.report import report
     from pipeline.store import StoreError
 
+    check_out(args.out)
+    if not Path(args.store).is_dir():
+        raise UsageError(f"{args.store}: no such results store (expected the --out directory of `dipcohort run`)")
     try:
         paths = report(args.store, args.out, scans=args.scans)
     except (StoreError, KeyError) as err:

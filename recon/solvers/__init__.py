@@ -51,8 +51,12 @@ def default_device() -> torch.device:
 def run_solver(name: str, problem: Problem, *, steps: int | None = None, params: dict[str, Any] | None = None,
                seed: int = 0, device: str | torch.device | None = None, ssim_every: int = 10,
                checkpoint_path: str | Path | None = None, checkpoint_every: int = 0,
-               progress: ProgressFn | None = None, save_weights: str | Path | None = None) -> SolverResult:
-    """Run solver `name` on `problem` for `steps` optimiser updates and return its result."""
+               progress: ProgressFn | None = None, save_weights: str | Path | None = None,
+               should_stop=None) -> SolverResult:
+    """Run solver `name` on `problem` for `steps` optimiser updates and return its result.
+
+    should_stop: polled before each step; when it returns True the loop raises
+    `recon.solvers.loop.StopRequested` (after a checkpoint where `checkpoint_path` is given)."""
     cls = get_solver(name)
     p = make_params(cls.Params, params, where=f"solver {name!r} params")
     dev = torch.device(device) if device is not None else default_device()
@@ -65,7 +69,7 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
         raise ValueError(f"steps must be >= 1, got {steps}")
     settings = LoopSettings(steps=steps, ssim_every=ssim_every, progress=progress,
                             checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every, should_stop=should_stop)
     result = Loop(solver, settings).run()
     if save_weights and getattr(solver, "net", None) is not None:
         torch.save(solver.net.state_dict(), save_weights)

@@ -33,6 +33,17 @@ SUMMARY_FIELDS = ("peak_psnr", "peak_step", "final_psnr", "final_ssim", "final_p
                   "diverged", "stopped_early")
 
 
+class StopRequested(Exception):
+    """Raised by the loop when `LoopSettings.should_stop()` said so at a step boundary.
+
+    `next_step` is where a rerun continues; `checkpoint` is the checkpoint written for it (None
+    without a checkpoint path)."""
+
+    def __init__(self, next_step: int, checkpoint: Path | None):
+        super().__init__(f"stopped before step {next_step}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        self.next_step, self.checkpoint = next_step, checkpoint
+
+
 @dataclass
 class LoopSettings:
     steps: int
@@ -41,6 +52,7 @@ class LoopSettings:
     checkpoint_every: int = 0     # 0: never
     progress: ProgressFn | None = None
     progress_every: int = 10
+    should_stop: Callable[[], bool] | None = None  # polled before each step (Ctrl-C, SIGTERM): StopRequested
 
 
 @dataclass
@@ -152,6 +164,8 @@ class Loop:
         k = self.start - 1
         t0 = time.perf_counter()
         for k in range(self.start, self.s.steps):
+            if self.s.should_stop is not None and self.s.should_stop():
+                self._stop_at(k, self.elapsed + time.perf_counter() - t0)
             out = self.solver.step(k)
             self.solver.last_image = out.image
             tensors = {**out.terms, **self._metrics(k, out.image)}
@@ -207,6 +221,13 @@ class Loop:
     def _quality(self, image: torch.Tensor) -> tuple[float, float]:
         scores = self.problem.score(image.to(self.solver.device))
         return float(scores["psnr"]), float(scores["ssim"])
+
+    def _stop_at(self, k: int, elapsed: float) -> None:
+        """Stop before step k, leaving a checkpoint (where there is a path for one) to continue from."""
+        path = self.s.checkpoint_path
+        if path:
+            self._save_checkpoint(k, elapsed)
+        raise StopRequested(k, Path(path) if path else None)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, next_step: int, elapsed: float) -> None:
