@@ -82,8 +82,9 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     t0 = time.monotonic()
     reporter.start(len(todo))
     stopping.graceful = True
+    watch = _StopWhenUnwritable(reporter, backend, stopping)
     try:
-        backend.run(todo, out, reporter, run_job)
+        backend.run(todo, out, watch, run_job)
     except KeyboardInterrupt:  # a second signal: stopped at once
         stopping.signum = stopping.signum or signal.SIGINT
     finally:
@@ -97,7 +98,41 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
         print(f"stopped by {stopping.name}: interrupted jobs continue when you rerun the same command",
               file=sys.stderr)
         raise Interrupted(stopping.signum)
+    if watch.unwritable:
+        try:
+            mark_interrupted(out, todo, "its results could not be written", stream=None)
+            summarize(out, stream, elapsed=time.monotonic() - t0)
+        except OSError:
+            pass  # still full: the message below says what to do
+        raise UsageError(f"{out}: {watch.unwritable} job(s) could not write to the store (no space left, quota "
+                         f"or read-only file system: see the messages above); the run stopped there. Free "
+                         f"space (or fix the file system) and rerun the same command: they continue, and "
+                         f"what was done is kept")
     return summarize(out, stream, elapsed=time.monotonic() - t0)
+
+
+class _StopWhenUnwritable:
+    """The run's progress reporter, watching for jobs that return 'interrupted' with no stop asked:
+    their store could not be written (full disk, quota, read-only): hand out no more jobs."""
+
+    def __init__(self, reporter, backend, stopping) -> None:
+        self._reporter, self._backend, self._stopping = reporter, backend, stopping
+        self.unwritable = 0
+
+    def job_finished(self, job: Job, status: str) -> None:
+        self._reporter.job_finished(job, status)
+        if status == "interrupted" and self._stopping.signum is None:
+            self.unwritable += 1
+            self._backend.request_stop()
+
+    def __getattr__(self, name: str):
+        return getattr(self._reporter, name)
+
+    def __setattr__(self, name: str, value) -> None:  # e.g. a backend's `progress.running -= 1`
+        if name.startswith("_") or name == "unwritable":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._reporter, name, value)
 
 
 class _Stopping:

@@ -17,7 +17,9 @@ job not yet started when the stop comes is left as it is (pending) and returns '
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import sys
 import math
 import time
 import traceback
@@ -76,6 +78,14 @@ def run_job(job: Job, store_path: str | Path, device: str | torch.device | None 
         return _run_job(job, store_path, device, threads, stop)
 
 
+# the file system, not the job: the job is 'interrupted' (rerun continues it), never 'failed'
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def environment_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
+
+
 def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopCheck) -> str:
     from recon.solvers.loop import StopRequested
 
@@ -86,28 +96,43 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
     try:
         writer = JobWriter(store_path, job)
         attempt = writer.start(label, threads)
-    except Exception:
+    except Exception as err:
+        if environment_error(err):  # nothing could be recorded: the job stays as it was for the rerun
+            print(f"job {job.job_id}: cannot write to {store_path}: {err}", file=sys.stderr, flush=True)
+            return "interrupted"
         log.line(f"cannot open the store {store_path} for job {job.job_id}:\n{traceback.format_exc()}")
         raise
-    log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label} with {threads} thread(s); "
-             f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
     error = ""
     try:
+        log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label} with {threads} thread(s); "
+                 f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
         status = _execute(job, store_path, dev, writer, log, stop)
     except StopRequested as err:
         status, error = "interrupted", f"stopped by the driver: {err}"
         log.line(error)
     except KeyboardInterrupt:  # stopped at once (a second Ctrl-C, a cancelled Ray task): record, go on stopping
-        writer.finish("interrupted", time.perf_counter() - t0, "stopped at once (KeyboardInterrupt)")
-        log.line("interrupted at once (KeyboardInterrupt)")
+        _record(writer, log, "interrupted", time.perf_counter() - t0, "stopped at once (KeyboardInterrupt)")
         raise
     except Exception as err:  # noqa: BLE001 - one bad scan never stops the cohort
-        status = "failed"
+        status = "interrupted" if environment_error(err) else "failed"
         error = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
-        log.line(f"error: {error}")
-    runtime = time.perf_counter() - t0
-    writer.finish(status, runtime, error)  # status written last
-    log.line(f"end job {job.job_id}: {status} after {runtime:.2f} s")
+        if status == "interrupted":
+            print(f"job {job.job_id}: cannot write its results: {err}", file=sys.stderr, flush=True)
+    return _record(writer, log, status, time.perf_counter() - t0, error)
+
+
+def _record(writer: JobWriter, log: JobLog, status: str, runtime: float, error: str) -> str:
+    """Write the outcome (status last) and log it; a full or read-only disk leaves the job for the rerun."""
+    try:
+        if error:
+            log.line(f"error: {error}" if status == "failed" else error)
+        writer.finish(status, runtime, error)  # status written last
+        log.line(f"end job {writer.job.job_id}: {status} after {runtime:.2f} s")
+    except OSError as err:
+        if not environment_error(err):
+            raise
+        print(f"job {writer.job.job_id}: cannot record its outcome ({status}): {err}", file=sys.stderr, flush=True)
+        return "interrupted"
     return status
 
 
