@@ -49,8 +49,9 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     n = len(jobs)
     assert root.attrs["cohort"] == "t"
     assert root.attrs["manifest"] == "cohort: t\n"
-    assert root.attrs["status_codes"] == STATUS_CODES
-    assert "numpy" in root.attrs["packages"] and "zarr" in root.attrs["packages"]
+    assert st.root_attr(root, "status_codes") == STATUS_CODES
+    assert "numpy" in st.root_attr(root, "packages") and "zarr" in st.root_attr(root, "packages")
+    assert root.attrs["layout_version"] == 2 and root.attrs["manifest_path"] == "../m.yaml"
     assert "git_commit" in root.attrs and root.attrs["created"].endswith("+00:00")
     names = root.attrs["metric_names"]
     assert names[:len(st.BASE_METRICS)] == list(LOOP_METRICS) and "data" in names and "autoencoding" in names
@@ -59,14 +60,15 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     assert root.attrs["max_steps"] == STEPS
 
     g = root["jobs"]
-    for name in (*st.COORDS, *st.INT_COORDS, *st.LEDGER):
+    for name in (st.JOB, *st.COORDS, *st.INT_COORDS, *st.LEDGER):
         assert g[name].shape == (n,), name
     for name in st.LEDGER:
         assert g[name].chunks == (1,), f"ledger {name} must be one chunk per job"
-    assert list(g["job_id"][:]) == [j.job_id for j in jobs]
+    assert list(g["job"][:]) == [j.job_id for j in jobs]
     assert list(g["seed"][:]) == [j.seed for j in jobs]
     assert (g["status"][:] == STATUS_CODES["pending"]).all()
-    assert all(p.endswith(f"{j.job_id}.log") for p, j in zip(g["log_path"][:], jobs))
+    # relative to the store: a store moved with its work directory still finds its logs
+    assert all(p == f"../res.zarr.work/logs/{j.job_id}.log" for p, j in zip(g["log_path"][:], jobs))
 
     m = root["metrics/values"]
     assert m.shape == (n, len(names), STEPS) and m.chunks == (1, len(names), STEPS)
@@ -156,7 +158,7 @@ def test_each_job_owns_its_chunk_files(tmp_path):
     # error '' equals the fill value: zarr stores no chunk for it
     # threads 0 equals the fill value too
     expected = {"jobs/status/c/2", "jobs/attempts/c/2", "jobs/runtime_s/c/2", "jobs/device/c/2",
-                "jobs/heartbeat/c/2", "jobs/host/c/2",
+                "jobs/heartbeat/c/2", "jobs/host/c/2", "jobs/checksum/c/2",
                 "metrics/values/c/2/0/0", "summary/values/c/2/0",
                 f"images/{group}/final/c/{row}/0/0/0", f"images/{group}/reference/c/{row}/0/0/0",
                 f"images/{group}/degraded/c/{row}/0/0/0"}
@@ -202,3 +204,15 @@ def test_open_store_rejects_other_directories(tmp_path):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(st.StoreError, match="no 'jobs' group"):
         st.open_store(tmp_path / "plain.zarr")
+    with pytest.raises(st.StoreError, match="no results store there"):
+        st.open_store(tmp_path / "absent.zarr")
+
+
+def test_a_layout_1_store_is_refused_in_one_line(tmp_path):
+    path, _, _ = build(tmp_path, n=2)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    root.attrs["layout_version"] = 1
+    st.consolidate(path)
+    with pytest.raises(st.StoreError, match="store layout 1 .* new --out") as err:
+        st.open_store(path)
+    assert "\n" not in str(err.value)
