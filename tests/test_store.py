@@ -216,3 +216,88 @@ def test_a_layout_1_store_is_refused_in_one_line(tmp_path):
     with pytest.raises(st.StoreError, match="store layout 1 .* new --out") as err:
         st.open_store(path)
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic creation
+# ---------------------------------------------------------------------------------------------
+def _create(path: Path, n: int = 8, stream=None) -> None:
+    jobs = make_jobs(n)
+    placed, groups = st.assign_image_groups(jobs, shapes_for(jobs))
+    st.create_store(path, placed, groups, cohort="t", manifest_text="cohort: t\n", manifest_path=path.parent / "m.yaml",
+                    metric_names=st.metric_names_for(["dip", "aseqdip"]), stream=stream)
+
+
+def _create_in_child(path: str, n: int, started) -> None:
+    started.set()
+    _create(Path(path), n)
+
+
+def test_a_killed_creation_leaves_nothing_under_the_name_and_the_next_one_cleans_up(tmp_path):
+    import io
+    import random
+    import time
+
+    ctx = mp.get_context("spawn")
+    outcomes = set()
+    # creating 1,000 jobs takes ~3 s here: moments from its start to past its end
+    for k, delay in enumerate(sorted(random.Random(0).uniform(0.05, 2.5) for _ in range(3)) + [30.0]):
+        path = tmp_path / f"kill{k}.zarr"
+        started = ctx.Event()
+        child = ctx.Process(target=_create_in_child, args=(str(path), 1000, started))
+        child.start()
+        assert started.wait(120)
+        child.join(delay)
+        child.kill()                                           # SIGKILL at some moment of creation
+        child.join()
+        if (path / "zarr.json").is_file():                     # it had finished: whole, opens
+            outcomes.add("complete")
+            assert st.open_store(path)["jobs/status"].shape == (1000,)
+            continue
+        outcomes.add("interrupted")
+        assert not path.exists() and st.creating_siblings(path)
+        with pytest.raises(st.StoreError, match="never completed.*run .* again") as err:
+            st.open_store(path)
+        assert "\n" not in str(err.value)
+        notes = io.StringIO()
+        _create(path, stream=notes)                            # the rerun removes the leftover
+        assert "removed" in notes.getvalue() and not st.creating_siblings(path)
+        assert st.open_store(path)["jobs/status"].shape == (8,)
+    assert outcomes == {"interrupted", "complete"}
+
+
+def test_a_live_creator_is_named_and_a_store_that_appeared_meanwhile_is_kept(tmp_path):
+    import os
+    import socket
+
+    path = tmp_path / "res.zarr"
+    busy = tmp_path / f"res.zarr{st.CREATING}{socket.gethostname()}-{os.getpid()}"
+    busy.mkdir()
+    with pytest.raises(st.StoreError, match=f"pid {os.getpid()}.* is creating this store"):
+        _create(path)
+    busy.rmdir()
+    _create(path)
+    before = (path / "zarr.json").read_bytes()
+    with pytest.raises(st.StoreError, match="appeared while this run was creating it"):
+        _create(path)                                          # e.g. a second driver started together
+    assert (path / "zarr.json").read_bytes() == before and not st.creating_siblings(path)
+
+
+def test_a_full_disk_during_creation_leaves_no_store_and_says_so(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'}): needs root")
+    try:
+        path = mnt / "res.zarr"
+        with pytest.raises(st.StoreError, match="no space left on the device.*nothing was left under that name"):
+            _create(path, n=3000)
+        assert not path.exists() and not st.creating_siblings(path)
+        assert list(mnt.iterdir()) == []
+        with pytest.raises(st.StoreError, match="no results store there"):
+            st.open_store(path)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
