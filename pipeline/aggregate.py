@@ -35,7 +35,6 @@ task), times `workers`. Nothing holds N × S values at once; the stats written a
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -50,15 +49,15 @@ import dask
 import numpy as np
 import zarr
 
-from zarr.storage import LocalStore
-
+from pipeline import store as st
 from pipeline.jobs import STATUS_CODES
-from pipeline.store import LEDGER, StoreError, open_store
+from pipeline.store import (AGGREGATE, LEDGER, StoreError, as_text, fingerprint, ledger_digests,  # noqa: F401
+                            live_fingerprint, open_store)
 
-GROUP = "aggregate"
-COMPACT = "aggregate/compact"
-STATS = "aggregate/stats"
-JOB_CHUNK = 256                    # jobs per compact chunk: ~40 files instead of 10,000 per array
+GROUP = AGGREGATE
+COMPACT = f"{AGGREGATE}/compact"
+STATS = f"{AGGREGATE}/stats"
+JOB_CHUNK = 256                    # jobs per compact shard (one file): ~40 files instead of 10,000 per array
 BLOCK_BYTES = 32 * 2 ** 20         # float32 bytes of one statistics block (all jobs × B steps)
 # jobs from which processes beat threads: zarr handles every chunk file in Python on one event-loop
 # thread per process, so only processes spread that per-file work over the CPUs
@@ -85,79 +84,26 @@ class Layout:
 
 def layout(root: zarr.Group, path: str | Path) -> Layout:
     """Shapes and names of a store, validated against each other."""
-    values = root["metrics/values"]
-    names = values.attrs.get("metric_names") or root.attrs.get("metric_names")
-    fields = root["summary/values"].attrs.get("summary_fields") or root.attrs.get("summary_fields")
-    if not names or len(names) != values.shape[1]:
-        raise StoreError(f"{path}: metrics/values has {values.shape[1]} metrics but attribute metric_names "
+    values = root[st.METRICS][st.VALUES]
+    names = tuple(as_text(root[st.METRICS]["metric"][:]))
+    fields = tuple(as_text(root[st.SUMMARY]["field"][:]))
+    if len(names) != values.shape[1]:
+        raise StoreError(f"{path}: metrics/values has {values.shape[1]} metrics but its coordinate `metric` "
                          f"lists {names!r}; expected one name per metric")
-    if not fields or len(fields) != root["summary/values"].shape[1]:
-        raise StoreError(f"{path}: summary/values does not match its attribute summary_fields {fields!r}")
+    if len(fields) != root[st.SUMMARY][st.VALUES].shape[1]:
+        raise StoreError(f"{path}: summary/values does not match its coordinate `field` {fields!r}")
     for metric in STAT_METRICS:
         if metric not in names:
-            raise StoreError(f"{path}: metric {metric!r} missing from metric_names {names!r}")
-    return Layout(str(path), int(values.shape[0]), int(values.shape[2]), tuple(names), tuple(fields))
-
-
-def read_coords(root: zarr.Group) -> dict[str, np.ndarray]:
-    """Every array of `jobs` that is not ledger (written whole by the driver), strings as str."""
-    g = root["jobs"]
-    out = {}
-    for name in sorted(g.array_keys()):
-        if name in LEDGER:
-            continue
-        out[name] = as_text(g[name][:])
-    return out
-
-
-def as_text(values: np.ndarray) -> np.ndarray:
-    """Zarr's variable-length strings (numpy StringDType) as a fixed-width str array; others unchanged."""
-    if values.dtype.kind not in ("T", "U", "O"):
-        return values
-    return np.array(values.tolist(), dtype=str) if values.size else np.array([], dtype=str)
-
-
-def ledger_digests(root: zarr.Group) -> list[bytes]:
-    """Per job, a digest of its (status, attempts): changes whenever the job is (re)run.
-
-    On a local directory store it hashes the job's two chunk files (bytes, '' when absent)
-    without decoding them: ~30 µs a job instead of zarr's ~0.5 ms a chunk, so checking a
-    10,000-job store takes well under a second. Otherwise it hashes the decoded values.
-    """
-    g = root["jobs"]
-    status, attempts = g["status"], g["attempts"]
-    store = root.store
-    digest = lambda data: hashlib.blake2b(data, digest_size=8).digest()  # noqa: E731
-    if not (isinstance(store, LocalStore) and root.path in ("", "/")):
-        values = zip(status[:].astype(np.int8), attempts[:].astype(np.int32))
-        return [digest(s.tobytes() + a.tobytes()) for s, a in values]
-    out = []
-    for i in range(status.shape[0]):
-        parts = []
-        for arr in (status, attempts):
-            try:
-                with open(os.path.join(str(store.root), arr.path, arr.metadata.encode_chunk_key((i,))), "rb") as fh:
-                    parts.append(fh.read())
-            except FileNotFoundError:
-                parts.append(b"")           # never written: the fill value
-        out.append(digest(b"\0".join(parts)))
-    return out
-
-
-def fingerprint(digests: Sequence[bytes]) -> str:
-    return hashlib.sha256(b"".join(digests)).hexdigest()
-
-
-def live_fingerprint(root: zarr.Group) -> str:
-    """The fingerprint of the ledger now (compare with the aggregate's `ledger_fingerprint`)."""
-    return fingerprint(ledger_digests(root))
+            raise StoreError(f"{path}: metric {metric!r} missing from the metric names {names!r}")
+    return Layout(str(path), int(values.shape[0]), int(values.shape[2]), names, fields)
 
 
 def aggregate_state(root: zarr.Group) -> dict | None:
     """Attributes of a complete aggregate group, or None when there is none (or it was interrupted)."""
     if GROUP not in root:
         return None
-    attrs = dict(root[GROUP].attrs)
+    # from the group's own zarr.json: the consolidated copy may predate an interrupted aggregation
+    attrs = dict(zarr.open_group(root.store, path=GROUP, mode="r", use_consolidated=False).attrs)
     return attrs if attrs.get("complete") else None
 
 
@@ -170,64 +116,101 @@ def aggregate(store_path: str | Path, *, workers: int | None = None, scheduler: 
 
     The stats are always recomputed; the compact copy is brought up to date incrementally (only
     blocks of 256 jobs holding a job whose status or attempts changed are copied again) unless
-    `full` or the previous aggregate is missing or was interrupted.
+    `full` or the previous aggregate is missing or was interrupted. Every finished job copied is
+    checked against its checksum: a missing or damaged chunk raises StoreError naming the job.
     scheduler: 'threads', 'processes' or 'synchronous' (default: processes from
     PROCESS_THRESHOLD jobs on when workers > 1, else threads); workers: default all CPUs.
     """
     path = str(Path(store_path))
-    root = open_store(path, mode="r+")
+    open_store(path)
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)   # the aggregate changes metadata
     lay = layout(root, path)
     if lay.n_jobs == 0:
         raise StoreError(f"{path}: the store has no jobs to aggregate")
-    coords = read_coords(root)
+    coords = st.job_coords(root)
     digests = ledger_digests(root)       # before reading any job: a job that runs meanwhile makes it stale
-    reuse, job_chunk, block, before = _prepare(root, lay, full)
+    reuse, job_chunk, block, before = _prepare(root, lay, coords, full)
     spans = [(a, min(a + job_chunk, lay.n_jobs)) for a in range(0, lay.n_jobs, job_chunk)]
     blocks_now = [fingerprint(digests[a:b]) for a, b in spans]
     # incremental: copy again only the blocks of jobs whose ledger changed since the last copy
     todo = [span for k, span in enumerate(spans) if not reuse or k >= len(before) or before[k] != blocks_now[k]]
     times = {"start": time.perf_counter()}
     with dask_options(scheduler, workers, lay.n_jobs) as opts:
-        dask.compute(*[dask.delayed(compact_jobs)(path, a, b) for a, b in todo], **opts)
+        copied = dask.compute(*[dask.delayed(compact_jobs)(path, a, b) for a, b in todo], **opts)
+        _raise_damage(path, coords, [c["problems"] for c in copied])
+        status, per_job = _write_small_arrays(root, lay, todo, copied, reuse)
         times["compact"] = time.perf_counter()
-        compact = root[COMPACT]
-        status = compact["ledger/status"][:]
         groups = job_groups(coords, status)
         idx = [lay.metric_names.index(m) for m in STAT_METRICS]
         blocks = dask.compute(*[dask.delayed(step_stats)(path, idx, s, min(s + block, lay.n_steps), groups.members)
                                 for s in range(0, lay.n_steps, block)], **opts)
         times["stats"] = time.perf_counter()
     per_step = np.concatenate([b[0] for b in blocks], axis=-1)           # (metric, group, stat, step)
-    peak_ssim = np.fmax.reduce(np.stack([b[1] for b in blocks], axis=1), axis=1)   # NaN: a job with no SSIM
-    per_job = dict(zip(lay.summary_fields, compact["summary"][:].T))
-    per_job["peak_ssim"] = peak_ssim
-    per_job["job_runtime_s"] = compact["ledger/runtime_s"][:]
+    per_job["peak_ssim"] = np.fmax.reduce(np.stack([b[1] for b in blocks], axis=1), axis=1)  # NaN: no SSIM
     ds = build_stats(groups, status, per_step, per_job, root.attrs, onset_drop_db, fingerprint(digests))
     compaction = {"mode": "incremental" if reuse else "full", "job_blocks": len(spans), "job_blocks_copied": len(todo)}
-    ds.attrs["compaction"] = compaction
+    ds.attrs["compaction"] = json.dumps(compaction)
     ds.to_zarr(path, group=STATS, mode="w", consolidated=False)
     end = time.perf_counter()
     seconds = {"compact": times["compact"] - times["start"], "stats": times["stats"] - times["compact"],
                "table_and_write": end - times["stats"]}
-    ds.attrs["seconds"] = seconds
-    root[GROUP].attrs.update({"complete": True, "ledger_fingerprint": fingerprint(digests), "seconds": seconds,
-                              "compaction": compaction, "block_fingerprints": blocks_now,
+    ds.attrs["seconds"] = json.dumps(seconds)
+    root[GROUP].attrs.update({"complete": True, "ledger_fingerprint": fingerprint(digests),
+                              "seconds": json.dumps(seconds), "compaction": json.dumps(compaction),
+                              "block_fingerprints": blocks_now,
                               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    st.consolidate(path)
     return ds
 
 
-def _prepare(root: zarr.Group, lay: Layout, full: bool) -> tuple[bool, int, int, list[str]]:
+def _raise_damage(path: str, coords: dict[str, np.ndarray], problems: Sequence[dict[int, list[str]]]) -> None:
+    """StoreError naming each job whose data (or ledger entry) the compaction found damaged."""
+    rows = sorted({row for p in problems for row in p})
+    if not rows:
+        return
+    why = {row: "; ".join(msg for p in problems for msg in p.get(row, [])) for row in rows}
+    lines = [f"job {coords['job'][r]} ({coords['scan_id'][r]}/{coords['solver'][r]}/seed{coords['seed'][r]}): {why[r]}"
+             for r in rows[:10]]
+    more = f"; ... {len(rows) - 10} more" if len(rows) > 10 else ""
+    raise StoreError(f"{path}: {len(rows)} job(s) have missing or damaged data: {'; '.join(lines)}{more}. "
+                     f"Run `dipcohort verify {path} --repair`, then `dipcohort run` to redo them")
+
+
+def _write_small_arrays(root: zarr.Group, lay: Layout, todo, copied, reuse: bool):
+    """The compact ledger and summary (one chunk each), patched with the blocks copied now.
+    Returns the status codes and the per-job table columns."""
+    c = root[COMPACT]
+    names = (*LEDGER, "summary")
+    whole = {name: (as_text(c[name][:]) if reuse else _empty(c[name])) for name in names}
+    for (a, b), part in zip(todo, copied):
+        for name in names:
+            whole[name][a:b] = part[name]
+    for name in names:
+        c[name][...] = whole[name].astype(str) if whole[name].dtype.kind in "UO" else whole[name]
+    per_job = dict(zip(lay.summary_fields, whole["summary"].T))
+    per_job["job_runtime_s"] = whole["runtime_s"]
+    return whole["status"].astype(np.int8), per_job
+
+
+def _empty(arr: zarr.Array) -> np.ndarray:
+    if arr.dtype.kind in ("T", "U", "O"):
+        return np.full(arr.shape, "", dtype=object)
+    return np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
+
+
+def _prepare(root: zarr.Group, lay: Layout, coords, full: bool) -> tuple[bool, int, int, list[str]]:
     """Keep a matching compact copy (incremental) or start afresh; the aggregate is marked
     incomplete until the end, so an interrupted run is rebuilt in full next time.
     Returns (reuse, jobs per block, steps per block, the copy's block fingerprints)."""
     if full or not compact_matches(root, lay):
         job_chunk, block = min(JOB_CHUNK, lay.n_jobs), step_block(lay.n_jobs, lay.n_steps)
-        _reset(root, lay, job_chunk, block)
+        _reset(root, lay, coords, job_chunk, block)
         return False, job_chunk, block, []
     g = root[GROUP]
     g.attrs["complete"] = False
     if "stats" in g:
         del g["stats"]
+    st.consolidate(root.store.root)
     return True, int(g.attrs["job_chunk"]), int(g.attrs["step_block"]), list(g.attrs.get("block_fingerprints", []))
 
 
@@ -241,12 +224,13 @@ def compact_matches(root: zarr.Group, lay: Layout) -> bool:
         metrics, summary = c["metrics"], c["summary"]
         shapes_ok = (metrics.shape == (lay.n_jobs, len(lay.metric_names), lay.n_steps)
                      and summary.shape == (lay.n_jobs, len(lay.summary_fields))
-                     and all(c["ledger"][name].shape == (lay.n_jobs,) for name in LEDGER))
+                     and all(c[name].shape == (lay.n_jobs,) for name in LEDGER))
+        names_ok = (tuple(as_text(c["metric"][:])) == lay.metric_names
+                    and tuple(as_text(c["field"][:])) == lay.summary_fields)
     except KeyError:
         return False
-    return (shapes_ok and tuple(metrics.attrs.get("metric_names", ())) == lay.metric_names
-            and tuple(summary.attrs.get("summary_fields", ())) == lay.summary_fields
-            and metrics.chunks[0] == state.get("job_chunk") and metrics.chunks[2] == state.get("step_block"))
+    return (shapes_ok and names_ok and metrics.chunks[0] == state.get("job_chunk")
+            and metrics.chunks[2] == state.get("step_block"))
 
 
 def step_block(n_jobs: int, n_steps: int) -> int:
@@ -257,26 +241,37 @@ def step_block(n_jobs: int, n_steps: int) -> int:
     return max(1, min(b, n_steps))
 
 
-def _reset(root: zarr.Group, lay: Layout, job_chunk: int, block: int) -> None:
-    """Replace any previous aggregate with empty compact arrays (complete=False until the end)."""
+def _reset(root: zarr.Group, lay: Layout, coords: dict[str, np.ndarray], job_chunk: int, block: int) -> None:
+    """Replace any previous aggregate with empty compact arrays (complete=False until the end).
+
+    metrics: chunks of (jobs, 1 metric, B steps), so the statistics read PSNR and SSIM without
+    decoding the other metrics, inside one shard (file) per block of jobs: a compaction task
+    writes whole shards, and 10,000 jobs are ~40 files. Ledger and summary: one chunk each.
+    """
     if GROUP in root:
         del root[GROUP]
     g = root.create_group(GROUP, attributes={"complete": False, "n_jobs": lay.n_jobs, "step_block": block,
                                              "job_chunk": job_chunk, "counted_statuses": list(COUNTED)})
-    c = g.create_group("compact")
-    jc = job_chunk
-    # one metric per chunk: the statistics read PSNR and SSIM without decoding the other metrics
-    c.create_array("metrics", shape=(lay.n_jobs, len(lay.metric_names), lay.n_steps),
-                   chunks=(jc, 1, block), dtype="float32", fill_value=np.nan,
-                   dimension_names=("job", "metric", "step"), attributes={"metric_names": list(lay.metric_names)})
-    c.create_array("summary", shape=(lay.n_jobs, len(lay.summary_fields)), chunks=(jc, len(lay.summary_fields)),
-                   dtype="float64", fill_value=np.nan, dimension_names=("job", "field"),
-                   attributes={"summary_fields": list(lay.summary_fields)})
-    led = c.create_group("ledger")
+    c = g.create_group("compact", attributes={"description": "the per-job arrays in large chunks (a copy)"})
+    for name in (st.JOB, *st.LABELS):
+        st.new_array(c, name, coords[name])
+    st.new_array(c, "metric", list(lay.metric_names), dims=("metric",))
+    st.new_array(c, "metric_units", [st.units_of(m) for m in lay.metric_names], dims=("metric",))
+    st.new_array(c, "step", np.arange(lay.n_steps, dtype=np.int64), dims=("step",))
+    st.new_array(c, "field", list(lay.summary_fields), dims=("field",))
+    st.new_array(c, "field_units", [st.units_of(f) for f in lay.summary_fields], dims=("field",))
+    labels = " ".join(st.LABELS)
+    padded = -(-lay.n_steps // block) * block
+    st.new_array(c, "metrics", shape=(lay.n_jobs, len(lay.metric_names), lay.n_steps), chunks=(job_chunk, 1, block),
+                 shards=(job_chunk, len(lay.metric_names), padded), dtype="float32", dims=(st.JOB, "metric", "step"),
+                 coordinates=f"{labels} metric_units", attrs={"long_name": "per-step metrics (units: metric_units)"})
+    st.new_array(c, "summary", shape=(lay.n_jobs, len(lay.summary_fields)), chunks=(lay.n_jobs, len(lay.summary_fields)),
+                 dtype="float64", dims=(st.JOB, "field"), coordinates=f"{labels} field_units",
+                 attrs={"long_name": "summary of each job's run (units: field_units)"})
     for name, dtype in LEDGER.items():
-        fill = "" if dtype is str else (np.nan if dtype == "float64" else 0)
-        led.create_array(name, shape=(lay.n_jobs,), chunks=(jc,), dtype=dtype, fill_value=fill,
-                         dimension_names=("job",))
+        st.new_array(c, name, shape=(lay.n_jobs,), chunks=(lay.n_jobs,), dtype=dtype,
+                     fill=0 if name in ("status", "attempts", "threads") else None, coordinates=labels)
+    st.consolidate(root.store.root)
 
 
 @contextmanager
@@ -295,22 +290,53 @@ def dask_options(scheduler: str | None, workers: int | None, n_jobs: int) -> Ite
         yield {"scheduler": "processes", "pool": pool}
 
 
-def compact_jobs(path: str, a: int, b: int) -> None:
-    """Copy jobs [a, b) into the compact arrays.
+def compact_jobs(path: str, a: int, b: int) -> dict:
+    """Copy the metrics of jobs [a, b) into their compact shard; return their ledger entries,
+    summary rows and the problems found ({row: [message]}: a chunk that cannot be decoded, or a
+    finished job's metrics or summary that do not match its checksum).
 
     The ledger is read first: a worker writes status last, so 'done' read here means the data
     read after it are complete.
     """
     root = zarr.open_group(path, mode="r+")
-    src, dst = root["jobs"], root[COMPACT]
-    status, attempts = src["status"][a:b], src["attempts"][a:b]
-    dst["metrics"][a:b] = root["metrics/values"][a:b]
-    dst["summary"][a:b] = root["summary/values"][a:b]
+    src = root[st.JOBS]
+    out: dict = {}
+    problems: dict[int, list[str]] = {}
     for name in LEDGER:
-        if name not in ("status", "attempts"):
-            dst["ledger"][name][a:b] = src[name][a:b]
-    dst["ledger/status"][a:b] = status
-    dst["ledger/attempts"][a:b] = attempts
+        values, bad = st.read_rows(src[name], a, b)
+        out[name] = as_text(np.asarray(values))
+        for row, why in bad.items():
+            problems.setdefault(row, []).append(why)
+    metrics, bad_m = st.read_rows(root[st.METRICS][st.VALUES], a, b)
+    summary, bad_s = st.read_rows(root[st.SUMMARY][st.VALUES], a, b)
+    counted = {STATUS_CODES[s] for s in COUNTED}
+    for k, row in enumerate(range(a, b)):
+        if row in problems or int(out["status"][k]) not in counted:
+            continue
+        for why in _check_finished(root, row, out["checksum"][k], metrics[k], summary[k], bad_m, bad_s):
+            problems.setdefault(row, []).append(why)
+    root[COMPACT]["metrics"][a:b] = metrics
+    out["summary"] = summary
+    out["problems"] = problems
+    return out
+
+
+def _check_finished(root: zarr.Group, row: int, checksum: str, metrics, summary, bad_m, bad_s) -> list[str]:
+    """Problems of a finished job's metrics and summary chunks (already read) against its checksum."""
+    sums = st.parse_checksum(checksum)
+    if not sums:
+        return [f"no checksum recorded (chunk {st.chunk_name(root[st.JOBS]['checksum'], row)})"]
+    out = []
+    for part, values, bad in (("metrics", metrics, bad_m), ("summary", summary, bad_s)):
+        if part not in sums:
+            continue
+        if row in bad:
+            out.append(bad[row])
+            continue
+        why = st.part_problem(root, root[part][st.VALUES], row, sums[part], values)
+        if why:
+            out.append(why)
+    return out
 
 
 @dataclass(frozen=True)
@@ -369,7 +395,7 @@ def step_stats(path: str, metric_index: Sequence[int], s0: int, s1: int,
 
     Returns (metric, group, stat, step) float64 and (job,) float64.
     """
-    arr = zarr.open_group(path, mode="r")[COMPACT]["metrics"]
+    arr = zarr.open_group(path, mode="r", use_consolidated=False)[COMPACT]["metrics"]
     x = arr.get_orthogonal_selection((slice(None), list(metric_index), slice(s0, s1)))  # (job, 2, B) float32
     out = np.stack([group_stats(x[:, k, :], members) for k in range(len(metric_index))])
     ssim = x[:, STAT_METRICS.index("ssim"), :].astype(np.float64)
@@ -470,7 +496,7 @@ def build_stats(groups: Groups, status: np.ndarray, per_step: np.ndarray, per_jo
     attrs = {"cohort": root_attrs.get("cohort", ""), "manifest_path": root_attrs.get("manifest_path", ""),
              "git_commit": root_attrs.get("git_commit") or "", "store_created": root_attrs.get("created", ""),
              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "ledger_fingerprint": ledger_fp, "counted_statuses": list(COUNTED), "std_ddof": 0,
+             "ledger_fingerprint": ledger_fp, "counted_statuses": " ".join(COUNTED), "std_ddof": 0,
              "quantile_method": "linear (numpy default)", "onset_drop_db": float(drop_db),
              "description": "per-step statistics over the done and diverged jobs of each task × solver config"}
     return xr.Dataset(data, coords=coords, attrs=attrs)

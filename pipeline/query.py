@@ -13,6 +13,7 @@ job_runtime_s (the whole job: loading, solving, writing), device, error and log_
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -21,10 +22,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from pipeline.aggregate import (COMPACT, GROUP, STATS, aggregate_state, as_text, layout, live_fingerprint,
-                                read_coords)
-from pipeline.jobs import STATUS_NAMES
-from pipeline.store import LEDGER, StoreError, open_store
+from pipeline import store as st
+from pipeline.aggregate import COMPACT, GROUP, STATS, aggregate_state, layout
+from pipeline.store import LEDGER, StoreError, as_text, live_fingerprint, open_store
 
 RENAMED = {"steps": "step_budget"}         # job coordinate names that clash with summary fields
 LEDGER_NAMES = {"runtime_s": "job_runtime_s"}
@@ -51,20 +51,36 @@ def open_results(store: str | Path, *, use_compact: str = "auto") -> xr.Dataset:
     source = _source(root, use_compact)
     if source == "compact":
         c = root[COMPACT]
-        metrics, summary, ledger = c["metrics"], c["summary"], c["ledger"]
+        metrics, table = c["metrics"], c["summary"][:]
         chunks = (metrics.chunks[0], 1, metrics.chunks[2])
+        ledger = {name: as_text(c[name][:]) for name in LEDGER}
     else:
-        metrics, summary, ledger = root["metrics/values"], root["summary/values"], root["jobs"]
+        metrics, table = root[st.METRICS][st.VALUES], _summary_rows(root, store)
         chunks = (max(1, min(LIVE_JOB_CHUNK, lay.n_jobs)), 1, lay.n_steps)
+        ledger = st.read_ledger(root)[0]
     values = da.from_zarr(metrics, chunks=chunks)
-    data: dict[str, tuple] = {name: (("job", "step"), values[:, i, :]) for i, name in enumerate(lay.metric_names)}
-    table = summary[:]
-    data.update({name: (("job",), table[:, k]) for k, name in enumerate(lay.summary_fields)})
-    data.update(_ledger(ledger))
+    data: dict[str, tuple] = {name: (("job", "step"), values[:, i, :], _cf(name)) for i, name in enumerate(lay.metric_names)}
+    data.update({name: (("job",), table[:, k], _cf(name)) for k, name in enumerate(lay.summary_fields)})
+    data.update(_ledger(ledger, store))
     ds = xr.Dataset(data, coords=_job_coords(root, lay.n_steps))
     ds.attrs.update(provenance(root, store))
     ds.attrs["read_from"] = source
     return ds
+
+
+def _cf(name: str) -> dict:
+    return {"units": st.units_of(name), "long_name": name.replace("_", " ")}
+
+
+def _summary_rows(root, store) -> np.ndarray:
+    """The live summary table; a chunk that cannot be decoded is named (with its job)."""
+    values, bad = st.read_rows(root[st.SUMMARY][st.VALUES], 0, root[st.SUMMARY][st.VALUES].shape[0])
+    if bad:
+        ids = st.job_coords(root)[st.JOB]
+        row, why = next(iter(bad.items()))
+        raise StoreError(f"{store}: job {ids[row]}: {why} ({len(bad)} job(s) damaged); run "
+                         f"`dipcohort verify {store} --repair`, then `dipcohort run` to redo them")
+    return values
 
 
 def _source(root: zarr.Group, use_compact: str) -> str:
@@ -79,29 +95,37 @@ def _source(root: zarr.Group, use_compact: str) -> str:
     return "live"
 
 
-def _ledger(group: zarr.Group) -> dict[str, tuple]:
+def _ledger(ledger: dict[str, np.ndarray], store) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     for name in LEDGER:
-        values = as_text(group[name][:])
+        values = ledger[name]
+        attrs = {"long_name": st.LONG_NAMES[name]}
         if name == "status":
-            out["status_code"] = (("job",), values.astype(np.int8))
-            values = np.array([STATUS_NAMES.get(int(c), f"unknown({int(c)})") for c in values], dtype=str)
-        out[LEDGER_NAMES.get(name, name)] = (("job",), values)
+            out["status_code"] = (("job",), values.astype(np.int8), {"flag_values": json.dumps(st.STATUS_CODES)})
+            values = np.array([st.status_name(c) for c in values], dtype=str)
+        elif name == "log_path":
+            values = np.array([st.resolve_in_store(store, p) for p in values], dtype=str)
+            attrs["long_name"] = "job log"
+        elif name == "runtime_s":
+            attrs["units"] = "s"
+        out[LEDGER_NAMES.get(name, name)] = (("job",), values, attrs)
     return out
 
 
 def _job_coords(root: zarr.Group, n_steps: int) -> dict[str, tuple | np.ndarray]:
-    coords = read_coords(root)
-    out: dict[str, tuple | np.ndarray] = {"job": coords.pop("job_id"), "step": np.arange(n_steps)}
+    coords = st.job_coords(root)
+    out: dict[str, tuple | np.ndarray] = {"job": coords.pop(st.JOB), "step": np.arange(n_steps)}
     for name, values in coords.items():
         out[RENAMED.get(name, name)] = ("job", values)
     return out
 
 
 def provenance(root: zarr.Group, store: str | Path) -> dict:
-    """Root attributes worth carrying on every Dataset (manifest text, versions, commit)."""
+    """Root attributes worth carrying on every Dataset (manifest text, versions as JSON, commit);
+    strings and numbers only, so `to_netcdf` takes them."""
     keep = ("cohort", "manifest", "manifest_path", "packages", "git_commit", "created", "layout_version")
     attrs = {k: root.attrs[k] for k in keep if k in root.attrs and root.attrs[k] is not None}
+    attrs["manifest_path"] = st.resolve_in_store(store, attrs.get("manifest_path", ""))
     attrs["store"] = str(Path(store).resolve())
     return attrs
 
@@ -131,33 +155,30 @@ def open_images(store: str | Path, group: str | None = None) -> xr.Dataset | dic
 
 def _images(root: zarr.Group, store, name: str) -> xr.Dataset:
     g = root["images"][name]
-    coords = read_coords(root)
-    rows = g["job_index"][:] if "job_index" in g else _rows_of_group(coords, name)
+    coords = st.job_coords(root)
+    rows = g["job_index"][:]
+    keep = np.flatnonzero(rows >= 0)          # -1: a job placed again in a later group
     data = {}
-    for arr, cdim in (("final", "channel"), ("early_stopped", "channel"), ("reference", "display_channel"),
-                      ("degraded", "display_channel")):
-        if arr in g:
-            data[arr] = (("job", cdim, "y", "x"), da.from_zarr(g[arr], chunks=g[arr].chunks))
-    job_coords = {RENAMED.get(k, k): ("job", v[rows]) for k, v in coords.items() if k != "job_id"}
-    ds = xr.Dataset(data, coords={"job": coords["job_id"][rows], **job_coords})
+    for arr in st.IMAGE_ARRAYS:
+        cdim = "display_channel" if arr in st.DISPLAY_IMAGES else "channel"
+        data[arr] = (("job", cdim, "y", "x"), da.from_zarr(g[arr], chunks=g[arr].chunks)[keep],
+                     {"long_name": st.LONG_NAMES[arr]})
+    rows = rows[keep]
+    job_coords = {RENAMED.get(k, k): ("job", v[rows]) for k, v in coords.items() if k != st.JOB}
+    ds = xr.Dataset(data, coords={"job": coords[st.JOB][rows], **job_coords})
     ds.attrs.update({**provenance(root, store), **dict(g.attrs), "image_group": name})
     return ds
-
-
-def _rows_of_group(coords: dict[str, np.ndarray], name: str) -> np.ndarray:
-    rows = np.flatnonzero(coords["image_group"] == name)
-    return rows[np.argsort(coords["image_index"][rows])]
 
 
 def load_image(store: str | Path, job_id: str, which: str = "final", display: bool = False) -> xr.DataArray:
     """One job's image as a lazy DataArray (channel, y, x); `.values` reads its one chunk.
 
-    which: final, early_stopped, reference or degraded. display=True gives the image people
+    which: final, early_stopped, ema, reference or degraded. display=True gives the image people
     look at: the magnitude of a 2-channel (real, imag) MRI image.
     """
     root = open_store(store)
-    coords = read_coords(root)
-    hits = np.flatnonzero(coords["job_id"] == job_id)
+    coords = st.job_coords(root)
+    hits = np.flatnonzero(coords[st.JOB] == job_id)
     if hits.size == 0:
         raise KeyError(f"{store}: no job with id {job_id!r}")
     i = int(hits[0])
@@ -169,7 +190,7 @@ def load_image(store: str | Path, job_id: str, which: str = "final", display: bo
         raise KeyError(f"image {which!r}: expected one of {', '.join(sorted(g.array_keys()))}")
     arr = g[which]
     image = da.from_zarr(arr, chunks=arr.chunks)[int(coords["image_index"][i])]
-    cdim = "channel" if which in ("final", "early_stopped") else "display_channel"
+    cdim = "display_channel" if which in st.DISPLAY_IMAGES else "channel"
     out = xr.DataArray(image, dims=(cdim, "y", "x"), name=which,
                        attrs={"job_id": job_id, "image_group": name,
                               **{k: _scalar(coords[k][i]) for k in ("scan_id", "task", "solver", "config", "seed")
@@ -209,7 +230,7 @@ def open_aggregate(store: str | Path, *, check_fresh: bool = True) -> xr.Dataset
     if check_fresh and state.get("ledger_fingerprint") != live_fingerprint(root):
         warnings.warn(f"{store}: jobs ran after the aggregate was computed; rerun `dipcohort aggregate {store}`",
                       StaleAggregateWarning, stacklevel=2)
-    ds = xr.open_zarr(str(store), group=STATS, consolidated=False).load()
+    ds = xr.open_zarr(str(store), group=STATS).load()
     for name in list(ds.coords):
         if ds[name].dtype.kind in ("T", "O"):
             ds[name] = ds[name].copy(data=as_text(ds[name].values))

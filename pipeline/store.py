@@ -1,31 +1,46 @@
-"""The results store (Zarr v3): layout, creation by the driver, per-job writes, reading helpers.
+"""The results store (Zarr v3, plain xarray): its schema, atomic creation, the ledger, checksums.
 
-Layout (shared contract; E2's aggregate/query and F's schedulers read it):
+Layout version 2. Every data group opens with `xarray.open_zarr(STORE, group=...)` and the
+whole store with `xarray.open_datatree(STORE, engine="zarr")`; metadata is consolidated in the
+root `zarr.json` (rewritten after every metadata change).
 
-    STORE/                       root attrs: cohort, manifest, manifest_path, packages, git_commit,
-                                 created, status_codes, metric_names, summary_fields, image_groups,
-                                 max_steps, layout_version
-      jobs/   (dim job)          job_id scan_id task solver config params(json) seed steps source
-                                 image_group image_index     -- written whole by the driver
-                                 status attempts runtime_s device error log_path
-                                                             -- the ledger, chunk (1,), worker writes
-      metrics/values (job, metric, step) float32, chunk (1, M, S), fill NaN
-      summary/values (job, field) float64, chunk (1, F), fill NaN
-      images/<c{C}_{H}x{W}>/final, early_stopped (image, channel, y, x) float32 chunk (1, C, H, W)
-                            reference, degraded (image, display_channel, y, x) chunk (1, Cd, H, W)
-                            job_index (image,) int64: the job row of each image row
+    STORE/                 root attrs: cohort, manifest, manifest_path (relative to STORE), packages
+                           and status_codes (JSON text), git_commit, created, metric_names,
+                           summary_fields, image_groups, max_steps, layout_version, work_dir
+      jobs/    (job)       job: the job ids (dimension coordinate); coordinates scan_id task solver
+                           config seed params(json) source steps image_group image_index, written
+                           whole by the driver; the ledger, one chunk (1,) per job, worker-written:
+                           status attempts runtime_s device error log_path heartbeat threads host
+                           checksum
+      metrics/ values (job, metric, step) float32, chunk (1, M, S), fill NaN; coordinates job,
+                           metric (names), metric_units, step and the job labels
+      summary/ values (job, field) float64, chunk (1, F), fill NaN; coordinates field, field_units
+      images/<c{C}_{H}x{W}>/  final early_stopped ema (job, channel, y, x), reference degraded
+                           (job, display_channel, y, x) float32, chunk one image; job_index (job)
+                           points at the job's row of `jobs`
+      aggregate/           written by pipeline.aggregate
 
-The driver creates every group and array before a worker starts; a worker writes only the
-chunks of its own job (so no locks) and never creates anything. Logs and checkpoints live
-beside the store in `<STORE>.work/`.
+The driver creates every group and array before a worker starts (`create_store`, which builds
+the store beside its name and renames it into place when complete); a worker writes only its
+own job's chunks (so no locks) and never creates anything. Late image groups (`place_late_jobs`)
+are new groups: arrays other workers write are never resized. Paths in the store are relative to
+it; logs and checkpoints live beside it in `<STORE>.work/`.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import hashlib
 import json
+import math
+import os
 import shutil
+import socket
 import subprocess
-from dataclasses import dataclass
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,24 +48,51 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import zarr
 
+from pipeline.errors import UsageError
 from pipeline.jobs import FINISHED, STATUS_CODES, STATUS_NAMES, Job
 from recon.solvers.loop import LOOP_METRICS, SUMMARY_FIELDS
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+JOBS, METRICS, SUMMARY, IMAGES, AGGREGATE = "jobs", "metrics", "summary", "images", "aggregate"
+VALUES = "values"                  # the data array of metrics/ and summary/
+JOB = "job"                        # the dimension (and dimension coordinate: job ids) of every data group
 # the metrics every run records and its summary fields (recon.solvers.loop); solvers' loss terms are appended
 BASE_METRICS = LOOP_METRICS
-COORDS = ("job_id", "scan_id", "task", "solver", "config", "params", "source", "image_group")
+LABELS = ("scan_id", "task", "solver", "config", "seed")      # coordinates along job in every data group
+COORDS = ("scan_id", "task", "solver", "config", "params", "source", "image_group")   # text, in jobs/
 INT_COORDS = ("seed", "steps", "image_index")
 # heartbeat: Unix time the worker last said it is alive (a "running" job whose heartbeat is old
-# belongs to a dead worker); threads: torch threads the job ran with; host: where it ran
+# belongs to a dead worker); threads: torch threads the job ran with; host: where it ran;
+# checksum: JSON {part: digest} of what the job wrote (see `data_digest`), written before status
 LEDGER = {"status": "int8", "attempts": "int32", "runtime_s": "float64", "device": str, "error": str,
-          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str}
+          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str, "checksum": str}
 IMAGE_ARRAYS = ("final", "early_stopped", "ema", "reference", "degraded")
+DISPLAY_IMAGES = ("reference", "degraded")                    # magnitude channels; the others network format
 PACKAGES = ("dipcohort", "torch", "numpy", "scipy", "scikit-image", "zarr", "xarray", "dask", "pydantic")
+CREATING = ".creating-"            # STORE.creating-<host>-<pid>: a store being built beside its name
+ENDED = ("done", "diverged", "failed")  # a job in one of these has recorded its outcome
+DAMAGED = -1                       # status code shown for a job whose ledger chunk cannot be read
+STALE_AFTER_S = 600.0              # a running job without a heartbeat for this long is shown as stale
+
+LONG_NAMES = {
+    "job": "job id (hash of scan, solver, params, seed, steps)", "scan_id": "scan id", "task": "task",
+    "solver": "solver", "config": "solver configuration (hash of solver and params)", "seed": "seed",
+    "params": "solver parameters (JSON)", "source": "scan source", "steps": "step budget of the job",
+    "image_group": "image group of the job", "image_index": "row of the job in its image group",
+    "status": "job status (see status_codes)", "attempts": "number of times the job was started",
+    "runtime_s": "wall time of the whole job", "device": "device the job ran on", "error": "error message",
+    "log_path": "job log, relative to the store", "heartbeat": "last heartbeat of the worker",
+    "threads": "torch threads of the job", "host": "host the job ran on",
+    "checksum": "digests of what the job wrote (JSON)", "metric": "per-step metric", "field": "summary field",
+    "step": "optimiser step", "final": "reconstruction returned by the solver",
+    "early_stopped": "reconstruction at the early-stopping step", "ema": "exponential moving average image",
+    "reference": "ground-truth image (display channels)", "degraded": "degraded image (display channels)",
+    "job_index": "row of the job in the jobs group",
+}
 
 
-class StoreError(Exception):
-    """A store that cannot be used for this run (message says what to do)."""
+class StoreError(UsageError):
+    """A store that cannot be used as asked (the message says what to do); the CLI exits 2."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +109,24 @@ class ImageShape:
         return f"c{self.channels}_{self.height}x{self.width}"
 
     def image_bytes(self) -> int:
-        """Uncompressed bytes of one job's four images (float32)."""
+        """Uncompressed bytes of one job's five images (float32)."""
         hw = self.height * self.width * 4
         return 3 * self.channels * hw + 2 * self.display_channels * hw
 
 
+def units_of(name: str) -> str:
+    """CF units of a metric or summary field, from its name (PSNR in dB, times in s, others 1)."""
+    if "psnr" in name:
+        return "dB"
+    if name.endswith("per_s"):
+        return "s-1"
+    if name.endswith("_s"):
+        return "s"
+    return "1"                     # SSIM, losses, step counts, flags: dimensionless
+
+
 # ---------------------------------------------------------------------------------------------
-# paths of the work files beside the store
+# paths of the work files beside the store; paths stored in the store are relative to it
 # ---------------------------------------------------------------------------------------------
 def work_dir(store_path: str | Path) -> Path:
     p = Path(store_path).resolve()
@@ -88,11 +141,20 @@ def checkpoint_path(store_path: str | Path, job_id: str) -> Path:
     return work_dir(store_path) / "checkpoints" / f"{job_id}.pt"
 
 
+def relative_to_store(store_path: str | Path, path: str | Path) -> str:
+    return os.path.relpath(Path(path).resolve(), Path(store_path).resolve())
+
+
+def resolve_in_store(store_path: str | Path, stored: str) -> str:
+    """A path as stored (relative to the store) made absolute; '' stays ''."""
+    return str((Path(store_path).resolve() / stored).resolve()) if stored else ""
+
+
 # ---------------------------------------------------------------------------------------------
 # creation (driver)
 # ---------------------------------------------------------------------------------------------
 def metric_names_for(solvers: Iterable[str]) -> list[str]:
-    """loss, psnr, ssim, movvar, then the union of the solvers' loss terms in first-seen order."""
+    """The loop's metrics, then the union of the solvers' loss terms in first-seen order."""
     from recon.solvers import get_solver
 
     names = list(BASE_METRICS)
@@ -105,8 +167,6 @@ def metric_names_for(solvers: Iterable[str]) -> list[str]:
 
 def assign_image_groups(jobs: Sequence[Job], shapes: dict[str, ImageShape]) -> tuple[list[Job], dict[str, ImageShape]]:
     """Give each job its image group (by its scan's shape) and row; returns jobs and group shapes."""
-    from dataclasses import replace
-
     groups: dict[str, ImageShape] = {}
     counts: dict[str, int] = {}
     out = []
@@ -122,114 +182,198 @@ def assign_image_groups(jobs: Sequence[Job], shapes: dict[str, ImageShape]) -> t
 
 
 def create_store(path: str | Path, jobs: Sequence[Job], groups: dict[str, ImageShape], *, cohort: str,
-                 manifest_text: str, manifest_path: str | Path, metric_names: Sequence[str]) -> zarr.Group:
-    """Create every group and array of the store (jobs must already carry image_group/index)."""
-    path = Path(path)
-    n = len(jobs)
-    steps = max(job.steps for job in jobs)
-    root = zarr.open_group(str(path), mode="w-")
-    root.attrs.update({
-        "cohort": cohort, "manifest": manifest_text, "manifest_path": str(Path(manifest_path).resolve()),
-        "packages": package_versions(), "git_commit": git_commit(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "status_codes": STATUS_CODES, "metric_names": list(metric_names), "summary_fields": list(SUMMARY_FIELDS),
-        "image_groups": sorted(groups), "max_steps": steps, "layout_version": LAYOUT_VERSION,
-        "work_dir": str(work_dir(path)),
-    })
-    _create_jobs(root, jobs, path)
-    m = root.create_group("metrics")
-    m.create_array("values", shape=(n, len(metric_names), steps), chunks=(1, len(metric_names), steps),
-                   dtype="float32", fill_value=np.nan, dimension_names=("job", "metric", "step"),
-                   attributes={"metric_names": list(metric_names)})
-    s = root.create_group("summary")
-    s.create_array("values", shape=(n, len(SUMMARY_FIELDS)), chunks=(1, len(SUMMARY_FIELDS)), dtype="float64",
-                   fill_value=np.nan, dimension_names=("job", "field"), attributes={"summary_fields": list(SUMMARY_FIELDS)})
-    _create_images(root, jobs, groups)
-    return root
+                 manifest_text: str, manifest_path: str | Path, metric_names: Sequence[str],
+                 stream=None) -> zarr.Group:
+    """Create every group and array of the store (jobs must already carry image_group/index).
 
-
-def _create_jobs(root: zarr.Group, jobs: Sequence[Job], path: Path) -> None:
-    n = len(jobs)
-    g = root.create_group("jobs")
-    whole = (max(n, 1),)  # coordinates are written once by the driver: one chunk each
-    values = {
-        "job_id": [j.job_id for j in jobs], "scan_id": [j.scan.id for j in jobs], "task": [j.scan.task for j in jobs],
-        "solver": [j.solver for j in jobs], "config": [j.config for j in jobs],
-        "params": [json.dumps(j.params, sort_keys=True) for j in jobs], "source": [j.scan.source for j in jobs],
-        "image_group": [j.image_group for j in jobs],
-    }
-    for name in COORDS:
-        a = g.create_array(name, shape=(n,), chunks=whole, dtype=str, fill_value="", dimension_names=("job",))
-        a[:] = np.asarray(values[name], dtype=object).astype(str)
-    ints = {"seed": [j.seed for j in jobs], "steps": [j.steps for j in jobs],
-            "image_index": [j.image_index if j.image_group else -1 for j in jobs]}
-    for name in INT_COORDS:
-        a = g.create_array(name, shape=(n,), chunks=whole, dtype="int64", fill_value=-1, dimension_names=("job",))
-        a[:] = np.asarray(ints[name], dtype=np.int64)
-    for name, dtype in LEDGER.items():  # chunk (1,): each job owns its ledger entries
-        fill = "" if dtype is str else (np.nan if dtype == "float64" else 0)
-        g.create_array(name, shape=(n,), chunks=(1,), dtype=dtype, fill_value=fill, dimension_names=("job",))
-    # log paths are known up front; writing them here saves the worker a file per job
-    g["log_path"][:] = np.asarray([str(log_path(path, j.job_id)) for j in jobs], dtype=object).astype(str)
-
-
-def _create_images(root: zarr.Group, jobs: Sequence[Job], groups: dict[str, ImageShape]) -> None:
-    images = root.create_group("images")
-    for name, shape in groups.items():
-        rows = [j.index for j in jobs if j.image_group == name]
-        g = images.create_group(name)
-        g.attrs.update({"channels": shape.channels, "display_channels": shape.display_channels,
-                        "height": shape.height, "width": shape.width})
-        k = len(rows)
-        for arr, c, cdim in (("final", shape.channels, "channel"), ("early_stopped", shape.channels, "channel"),
-                             ("ema", shape.channels, "channel"),
-                             ("reference", shape.display_channels, "display_channel"),
-                             ("degraded", shape.display_channels, "display_channel")):
-            g.create_array(arr, shape=(k, c, shape.height, shape.width), chunks=(1, c, shape.height, shape.width),
-                           dtype="float32", fill_value=np.nan, dimension_names=("image", cdim, "y", "x"))
-        ji = g.create_array("job_index", shape=(k,), chunks=(max(k, 1),), dtype="int64", fill_value=-1,
-                            dimension_names=("image",))
-        ji[:] = np.asarray(rows, dtype=np.int64)
-
-
-def place_late_jobs(path: str | Path, jobs: Sequence[Job], shapes: dict[str, ImageShape]) -> list[Job]:
-    """Give image rows to jobs created without one (their scan could not be loaded then).
-
-    Driver only, before workers start: grows (or creates) the image groups and rewrites the
-    `image_group` / `image_index` coordinates. Returns the jobs with their new places.
+    The store is built as `STORE.creating-<host>-<pid>` and renamed to STORE when complete, so a
+    store under its name is always whole; a half-built sibling left by a dead creator is removed
+    (one line on `stream`, default stderr). A full disk or a read-only directory leaves nothing
+    under the name and raises StoreError saying so.
     """
-    from dataclasses import replace
+    path = Path(path)
+    building = _begin_creation(path, stream or sys.stderr)
+    try:
+        root = zarr.open_group(str(building), mode="w-")
+        root.attrs.update(_root_attrs(path, groups, cohort, manifest_text, manifest_path, metric_names,
+                                      max(job.steps for job in jobs)))
+        _create_jobs(root, jobs, path)
+        _create_data(root, jobs, metric_names)
+        images = root.create_group(IMAGES)
+        for name, shape in groups.items():
+            _create_image_group(images, name, shape, [j for j in jobs if j.image_group == name])
+        consolidate(building)
+        _publish(building, path)
+    except OSError as err:
+        shutil.rmtree(building, ignore_errors=True)
+        raise StoreError(_creation_failed(path, err)) from None
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return open_store(path, mode="r+")
 
-    root = open_store(path, mode="r+")
-    images = root["images"]
-    groups_attr = list(root.attrs["image_groups"])
-    coord_group, coord_index = root["jobs/image_group"][:].astype(object), root["jobs/image_index"][:]
-    out = []
-    for job in jobs:
-        shape = shapes[job.scan.id]
-        name = shape.group
-        if name in images and _group_shape(images[name]) != shape:
-            name = f"{name}_d{shape.display_channels}"
-        if name not in images:
-            _create_images(root, [replace(job, image_group=name)], {name: shape})
-            row = 0
+
+def _root_attrs(path: Path, groups, cohort, manifest_text, manifest_path, metric_names, steps) -> dict:
+    return {
+        "cohort": cohort, "manifest": manifest_text, "manifest_path": relative_to_store(path, manifest_path),
+        "packages": json.dumps(package_versions(), sort_keys=True), "git_commit": git_commit() or "",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "status_codes": json.dumps(STATUS_CODES), "metric_names": list(metric_names),
+        "summary_fields": list(SUMMARY_FIELDS), "image_groups": sorted(groups), "max_steps": int(steps),
+        "layout_version": LAYOUT_VERSION, "work_dir": relative_to_store(path, work_dir(path)),
+        "Conventions": "CF-1.10",
+    }
+
+
+def _creation_failed(path: Path, err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        why = "no space left on the device"
+    elif err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        why = "the directory is not writable"
+    else:
+        why = f"{err.strerror or err}"
+    return (f"{path}: could not create the results store ({why}: {err.filename or path}); nothing was left "
+            f"under that name. Free space or choose another --out, then run again")
+
+
+def _begin_creation(path: Path, stream) -> Path:
+    """Clear dead half-built siblings of `path`; refuse when a live process is building it."""
+    for sibling, host, pid in creating_siblings(path):
+        if host == socket.gethostname() and not _pid_alive(pid):
+            shutil.rmtree(sibling, ignore_errors=True)
+            print(f"removed {sibling.name}: a half-built store left by an interrupted run (pid {pid})", file=stream)
         else:
-            g = images[name]
-            row = g["job_index"].shape[0]
-            for arr in (*IMAGE_ARRAYS, "job_index"):
-                g[arr].resize((row + 1, *g[arr].shape[1:]))
-            g["job_index"][row] = job.index  # job_index has one chunk: the driver rewrites it whole
-        if name not in groups_attr:
-            groups_attr.append(name)
-        coord_group[job.index], coord_index[job.index] = name, row
-        out.append(replace(job, image_group=name, image_index=row))
-    root["jobs/image_group"][:] = coord_group.astype(str)
-    root["jobs/image_index"][:] = coord_index
-    root.attrs["image_groups"] = sorted(groups_attr)
+            raise StoreError(f"{path}: another dipcohort run (pid {pid} on {host}) is creating this store "
+                             f"({sibling.name}); wait for it, or stop it and remove {sibling}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent / f"{path.name}{CREATING}{socket.gethostname()}-{os.getpid()}"
+
+
+def creating_siblings(path: str | Path) -> list[tuple[Path, str, int]]:
+    """(directory, host, pid) of each `STORE.creating-<host>-<pid>` beside `path`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    out = []
+    for sibling in path.parent.glob(f"{path.name}{CREATING}*"):
+        host, _, pid = sibling.name[len(path.name) + len(CREATING):].rpartition("-")
+        out.append((sibling, host, int(pid) if pid.isdigit() else -1))
     return out
 
 
-def _group_shape(g: zarr.Group) -> ImageShape:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def _publish(building: Path, path: Path) -> None:
+    try:
+        os.rename(building, path)          # replaces an empty directory; never a non-empty one
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            shutil.rmtree(building, ignore_errors=True)
+            raise StoreError(f"{path}: appeared while this run was creating it (another dipcohort run?); "
+                             f"use `dipcohort status {path}` to see it, or choose another --out") from None
+        raise
+
+
+def consolidate(path: str | Path) -> None:
+    """Rewrite the root's consolidated metadata (after creating or changing any group or array)."""
+    with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(path))
+
+
+def new_array(group: zarr.Group, name: str, values=None, *, shape=None, chunks=None, dtype=None, dims=(JOB,),
+              fill=None, coordinates: str = "", attrs: dict | None = None, shards=None) -> zarr.Array:
+    """One array with its CF attributes; `values` (written whole, one chunk) or an empty shape."""
+    if values is not None:
+        values = np.asarray(values)
+        if values.dtype.kind in ("U", "O", "T"):
+            dtype, fill = str, ""
+        shape, dtype = values.shape, dtype or values.dtype
+        chunks = chunks or tuple(max(n, 1) for n in values.shape)
+    if fill is None:
+        fill = "" if dtype is str else (np.nan if np.dtype(dtype).kind == "f" else (-1 if np.dtype(dtype).kind == "i" else 0))
+    a = {"long_name": LONG_NAMES.get(name, name), **(attrs or {})}
+    if coordinates:
+        a["coordinates"] = coordinates
+    arr = group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
+                             dimension_names=dims, attributes=a)
+    if values is not None and values.size:
+        arr[...] = values.astype(str) if dtype is str else values
+    return arr
+
+
+def _label_coords(group: zarr.Group, jobs: Sequence[Job]) -> str:
+    """The job ids and labels as coordinates of `group`; returns the `coordinates` attribute text."""
+    new_array(group, JOB, [j.job_id for j in jobs])
+    values = {"scan_id": [j.scan.id for j in jobs], "task": [j.scan.task for j in jobs],
+              "solver": [j.solver for j in jobs], "config": [j.config for j in jobs],
+              "seed": np.asarray([j.seed for j in jobs], dtype=np.int64)}
+    for name in LABELS:
+        new_array(group, name, np.asarray(values[name]) if len(jobs) else np.asarray([], dtype=str if name != "seed" else np.int64))
+    return " ".join(LABELS)
+
+
+def _create_jobs(root: zarr.Group, jobs: Sequence[Job], path: Path) -> None:
+    g = root.create_group(JOBS)
+    labels = _label_coords(g, jobs)
+    info = {"params": [json.dumps(j.params, sort_keys=True) for j in jobs], "source": [j.scan.source for j in jobs],
+            "image_group": [j.image_group for j in jobs], "steps": np.asarray([j.steps for j in jobs], dtype=np.int64),
+            "image_index": np.asarray([j.image_index if j.image_group else -1 for j in jobs], dtype=np.int64)}
+    for name, values in info.items():
+        new_array(g, name, np.asarray(values) if len(jobs) else np.asarray([], dtype=np.asarray(values).dtype))
+    coordinates = " ".join([labels, *info])
+    n = len(jobs)
+    units = {"runtime_s": {"units": "s"}, "heartbeat": {"units": "seconds since 1970-01-01T00:00:00Z"}}
+    for name, dtype in LEDGER.items():  # chunk (1,): each job owns its ledger entries
+        fill = 0 if name in ("status", "attempts", "threads") else None
+        new_array(g, name, shape=(n,), chunks=(1,), dtype=dtype, fill=fill, coordinates=coordinates,
+               attrs=units.get(name) or ({"flag_values": json.dumps(STATUS_CODES)} if name == "status" else None))
+    # log paths are known up front; writing them here saves the worker a file per job
+    if n:
+        g["log_path"][:] = np.asarray([relative_to_store(path, log_path(path, j.job_id)) for j in jobs], dtype=str)
+
+
+def _create_data(root: zarr.Group, jobs: Sequence[Job], metric_names: Sequence[str]) -> None:
+    n, steps = len(jobs), max(job.steps for job in jobs)
+    m = root.create_group(METRICS)
+    labels = _label_coords(m, jobs)
+    new_array(m, "metric", list(metric_names), dims=("metric",))
+    new_array(m, "metric_units", [units_of(name) for name in metric_names], dims=("metric",))
+    new_array(m, "step", np.arange(steps, dtype=np.int64), dims=("step",))
+    new_array(m, VALUES, shape=(n, len(metric_names), steps), chunks=(1, len(metric_names), steps), dtype="float32",
+           dims=(JOB, "metric", "step"), coordinates=f"{labels} metric_units",
+           attrs={"long_name": "per-step metrics of each job (units: metric_units)", "metric_names": list(metric_names)})
+    s = root.create_group(SUMMARY)
+    labels = _label_coords(s, jobs)
+    new_array(s, "field", list(SUMMARY_FIELDS), dims=("field",))
+    new_array(s, "field_units", [units_of(name) for name in SUMMARY_FIELDS], dims=("field",))
+    new_array(s, VALUES, shape=(n, len(SUMMARY_FIELDS)), chunks=(1, len(SUMMARY_FIELDS)), dtype="float64",
+           dims=(JOB, "field"), coordinates=f"{labels} field_units",
+           attrs={"long_name": "summary of each job's run (units: field_units)", "summary_fields": list(SUMMARY_FIELDS)})
+
+
+def _create_image_group(images: zarr.Group, name: str, shape: ImageShape, jobs: Sequence[Job]) -> None:
+    """The group `images/<name>` for `jobs` (their image rows in this order)."""
+    g = images.create_group(name, attributes={"channels": shape.channels, "display_channels": shape.display_channels,
+                                              "height": shape.height, "width": shape.width})
+    labels = _label_coords(g, jobs)
+    new_array(g, "job_index", np.asarray([j.index for j in jobs], dtype=np.int64), coordinates=labels)
+    k = len(jobs)
+    for arr in IMAGE_ARRAYS:
+        c, cdim = (shape.display_channels, "display_channel") if arr in DISPLAY_IMAGES else (shape.channels, "channel")
+        new_array(g, arr, shape=(k, c, shape.height, shape.width), chunks=(1, c, shape.height, shape.width),
+               dtype="float32", dims=(JOB, cdim, "y", "x"), coordinates=f"{labels} job_index")
+
+
+def group_shape(g: zarr.Group) -> ImageShape:
     a = g.attrs
     return ImageShape(int(a["channels"]), int(a["display_channels"]), int(a["height"]), int(a["width"]))
 
@@ -259,36 +403,140 @@ def estimate(jobs: Sequence[Job], groups: dict[str, ImageShape], n_metrics: int)
     steps = max(job.steps for job in jobs)
     per_job = {name: n_metrics * steps * 4 + len(SUMMARY_FIELDS) * 8 + 64 for name in groups}
     nbytes = sum(per_job[j.image_group] + groups[j.image_group].image_bytes() for j in jobs)
-    # per job: ledger entries (status, attempts, runtime, device, error) + metrics + summary + 4 images
+    # per job: its ledger entries but log_path (written by the driver) + metrics + summary + images
     files_per_job = len(LEDGER) - 1 + 2 + len(IMAGE_ARRAYS)
-    fixed = 1 + 4 + len(COORDS) + len(INT_COORDS) + 2 * len(LEDGER) + 4 + 6 * len(groups) + 1
+    labels = 1 + len(LABELS)
+    fixed = (5 + 2 * len(LEDGER) + 2 * (labels + len(COORDS) + len(INT_COORDS))
+             + 2 * (labels + 4) + len(groups) * (1 + labels + 1 + len(IMAGE_ARRAYS)) * 2)
     return {"bytes": int(nbytes), "files": len(jobs) * files_per_job + fixed, "files_per_job": files_per_job}
+
+
+# ---------------------------------------------------------------------------------------------
+# late image groups (driver, before its workers start)
+# ---------------------------------------------------------------------------------------------
+def place_late_jobs(path: str | Path, jobs: Sequence[Job], shapes: dict[str, ImageShape]) -> list[Job]:
+    """Give image rows to jobs that have none or whose scan's shape changed (a fixed file of
+    another size); returns the jobs with their new places.
+
+    Each call makes new groups `images/<shape>_late<k>` (never resizing arrays that running
+    workers write), then rewrites the one-chunk coordinates `jobs/image_group` / `image_index`
+    (each chunk file is replaced atomically) and the moved jobs' old `job_index` rows (-1).
+    """
+    root = _open_for_metadata(path)
+    images = root[IMAGES]
+    current = {name: group_shape(images[name]) for name in images.group_keys()}
+    moving = [j for j in jobs if current.get(j.image_group) != shapes[j.scan.id]]
+    by_shape: dict[ImageShape, list[Job]] = {}
+    for job in moving:
+        by_shape.setdefault(shapes[job.scan.id], []).append(job)
+    placed: dict[str, Job] = {}
+    for shape, members in by_shape.items():
+        k = 1
+        while f"{shape.group}_d{shape.display_channels}_late{k}" in current:
+            k += 1
+        name = f"{shape.group}_d{shape.display_channels}_late{k}"
+        members = [replace(j, image_group=name, image_index=row) for row, j in enumerate(members)]
+        _create_image_group(images, name, shape, members)
+        current[name] = shape
+        placed.update({j.job_id: j for j in members})
+    if placed:
+        _unlink_old_rows(root, moving)
+        g = root[JOBS]
+        group_col, index_col = as_text(g["image_group"][:]).astype(object), g["image_index"][:]
+        for job in placed.values():
+            group_col[job.index], index_col[job.index] = job.image_group, job.image_index
+        g["image_index"][:] = index_col
+        g["image_group"][:] = group_col.astype(str)
+        root.attrs["image_groups"] = sorted(current)
+        consolidate(path)
+    return [placed.get(j.job_id, j) for j in jobs]
+
+
+def _unlink_old_rows(root: zarr.Group, moving: Sequence[Job]) -> None:
+    for name in {j.image_group for j in moving if j.image_group and j.image_group in root[IMAGES]}:
+        ji = root[IMAGES][name]["job_index"]
+        rows = ji[:]
+        rows[[j.image_index for j in moving if j.image_group == name]] = -1
+        ji[:] = rows
 
 
 # ---------------------------------------------------------------------------------------------
 # opening, resuming
 # ---------------------------------------------------------------------------------------------
 def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's root group; StoreError (one line saying what to do) for anything else."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path}: not a dipcohort results store (no zarr.json); expected the --out of `dipcohort run`")
+        raise StoreError(_not_a_store(path))
     root = zarr.open_group(str(path), mode=mode)
-    if "jobs" not in root or "status_codes" not in root.attrs:
+    version = root.attrs.get("layout_version")
+    if JOBS not in root or "status_codes" not in root.attrs or version is None:
         raise StoreError(f"{path}: a Zarr group but not a dipcohort results store (no 'jobs' group)")
+    if version != LAYOUT_VERSION:
+        raise StoreError(f"{path}: store layout {version} was written by another dipcohort version; this one "
+                         f"reads layout {LAYOUT_VERSION} only: run the manifest again into a new --out")
     return root
 
 
+def _not_a_store(path: Path) -> str:
+    leftovers = creating_siblings(path)
+    if leftovers:
+        sibling, host, pid = leftovers[0]
+        return (f"{path}: the store was never completed: {sibling.name} is a store being built (pid {pid} on "
+                f"{host}) or one whose creation was interrupted; run `dipcohort run MANIFEST --out {path}` "
+                f"again to create it")
+    if not path.exists():
+        return f"{path}: no results store there; expected the --out of `dipcohort run`"
+    return f"{path}: not a dipcohort results store (no zarr.json); expected the --out of `dipcohort run`"
+
+
+def _open_for_metadata(path: str | Path) -> zarr.Group:
+    """The root for changing metadata: read from each zarr.json, not the consolidated copy."""
+    open_store(path)
+    return zarr.open_group(str(path), mode="r+", use_consolidated=False)
+
+
+def root_attr(root: zarr.Group, name: str, default: Any = None) -> Any:
+    """A root attribute, JSON-decoded where the store keeps it as JSON text (packages, status_codes)."""
+    value = root.attrs.get(name, default)
+    if name in ("packages", "status_codes") and isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+def as_text(values: np.ndarray) -> np.ndarray:
+    """Zarr's variable-length strings (numpy StringDType) as a fixed-width str array; others unchanged."""
+    if values.dtype.kind not in ("T", "U", "O"):
+        return values
+    return np.array(values.tolist(), dtype=str) if values.size else np.array([], dtype=str)
+
+
+def job_coords(root: zarr.Group) -> dict[str, np.ndarray]:
+    """The driver-written arrays of `jobs` (job ids under 'job', labels, params, image places)."""
+    g = root[JOBS]
+    out = {}
+    for name in (JOB, *COORDS, *INT_COORDS):
+        out[name] = as_text(_read_whole(g[name], f"{JOBS}/{name}"))
+    return out
+
+
+def _read_whole(arr: zarr.Array, name: str) -> np.ndarray:
+    try:
+        return arr[...]
+    except Exception as err:  # noqa: BLE001 - a damaged chunk: name it instead of a decoder traceback
+        raise StoreError(f"array {name} cannot be read ({type(err).__name__}: {err}); the store is damaged "
+                         f"beyond a job's data: run the manifest again into a new --out") from None
+
+
 def stored_jobs(root: zarr.Group) -> dict[str, tuple[int, str, int]]:
-    """job_id → (index, image_group, image_index) as created."""
-    g = root["jobs"]
-    ids, groups, rows = g["job_id"][:], g["image_group"][:], g["image_index"][:]
-    return {str(j): (i, str(grp), int(r)) for i, (j, grp, r) in enumerate(zip(ids, groups, rows))}
+    """job_id → (index, image_group, image_index) as created (or placed late)."""
+    c = job_coords(root)
+    return {str(j): (i, str(grp), int(r)) for i, (j, grp, r) in enumerate(zip(c[JOB], c["image_group"],
+                                                                             c["image_index"]))}
 
 
 def match_jobs(root: zarr.Group, jobs: Sequence[Job], store_path: str | Path) -> list[Job]:
     """The manifest's jobs placed at their rows of an existing store; error if some are missing."""
-    from dataclasses import replace
-
     known = stored_jobs(root)
     missing = [j for j in jobs if j.job_id not in known]
     if missing:
@@ -300,13 +548,8 @@ def match_jobs(root: zarr.Group, jobs: Sequence[Job], store_path: str | Path) ->
             for j in jobs]
 
 
-def statuses(root: zarr.Group) -> np.ndarray:
-    """Status code per job row."""
-    return np.asarray(root["jobs/status"][:], dtype=np.int8)
-
-
 def jobs_to_run(root: zarr.Group, jobs: Sequence[Job], retry_failed: bool = False) -> list[Job]:
-    """Jobs not finished: pending and running (interrupted) always, failed only when asked."""
+    """Jobs not finished: pending, running (interrupted) and damaged always, failed only when asked."""
     codes = statuses(root)
     skip = {STATUS_CODES[s] for s in FINISHED}
     if not retry_failed:
@@ -314,24 +557,98 @@ def jobs_to_run(root: zarr.Group, jobs: Sequence[Job], retry_failed: bool = Fals
     return [j for j in jobs if int(codes[j.index]) not in skip]
 
 
-def ledger_table(path_or_root: str | Path | zarr.Group):
-    """The ledger with its coordinates as a pandas DataFrame (one row per job, status as names)."""
+def remove_store(path: str | Path) -> None:
+    """Delete a store and its work files (tests and `--overwrite`-style cleanups)."""
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(work_dir(path), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading chunks by job, naming the job and chunk of any that cannot be read
+# ---------------------------------------------------------------------------------------------
+def chunk_name(arr: zarr.Array, row: int) -> str:
+    """The store path of the chunk holding `row` of an array chunked one job per chunk."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((row,) + (0,) * (arr.ndim - 1))}"
+
+
+def chunk_file(root: zarr.Group, arr: zarr.Array, row: int) -> Path | None:
+    """That chunk's file on a local store (None for other stores)."""
+    store = root.store
+    return Path(str(store.root)) / chunk_name(arr, row) if isinstance(store, zarr.storage.LocalStore) else None
+
+
+def read_rows(arr: zarr.Array, a: int, b: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows [a, b) of an array chunked by job; rows whose chunk cannot be decoded are the fill
+    value and listed as {row: 'chunk <path>: <error>'}."""
+    try:
+        return arr[a:b], {}
+    except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
+        pass
+    text = arr.dtype.kind in ("T", "U", "O")
+    out = np.full((b - a, *arr.shape[1:]), "" if text else arr.fill_value, dtype=object if text else arr.dtype)
+    bad = {}
+    for i in range(a, b):
+        try:
+            out[i - a] = arr[i]
+        except Exception as err:  # noqa: BLE001
+            bad[i] = f"chunk {chunk_name(arr, i)} cannot be decoded ({type(err).__name__}: {err})"
+    return out, bad
+
+
+def statuses(root: zarr.Group) -> np.ndarray:
+    """Status code per job row; DAMAGED (-1) where the status chunk cannot be decoded."""
+    values, bad = read_rows(root[JOBS]["status"], 0, root[JOBS]["status"].shape[0])
+    values = np.asarray(values, dtype=np.int8)
+    values[list(bad)] = DAMAGED
+    return values
+
+
+def status_name(code: int) -> str:
+    return "damaged" if code == DAMAGED else STATUS_NAMES.get(int(code), f"unknown({int(code)})")
+
+
+def read_ledger(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
+    """Every ledger array (text as str) and, per job row, the chunks that could not be read."""
+    g = root[JOBS]
+    n = g["status"].shape[0]
+    out, damage = {}, {}
+    for name in LEDGER:
+        values, bad = read_rows(g[name], 0, n)
+        out[name] = as_text(np.asarray(values)) if LEDGER[name] is str else np.asarray(values)
+        for row, why in bad.items():
+            damage.setdefault(row, []).append(why)
+        if name == "status":
+            out[name] = out[name].astype(np.int8)
+            out[name][list(bad)] = DAMAGED
+    return out, damage
+
+
+def ledger_table(path_or_root: str | Path | zarr.Group, store_path: str | Path | None = None):
+    """The ledger with its coordinates as a pandas DataFrame (one row per job, status as names,
+    log_path absolute, `damaged`: the chunks of the job's ledger that could not be read)."""
     import pandas as pd
 
-    root = path_or_root if isinstance(path_or_root, zarr.Group) else open_store(path_or_root)
-    g = root["jobs"]
-    cols: dict[str, Any] = {}
-    for name in (*COORDS, *INT_COORDS, *LEDGER):
-        values = g[name][:]
-        cols[name] = values.astype(object) if values.dtype.kind in ("T", "U", "O") else values
-    cols["status"] = [STATUS_NAMES.get(int(c), f"unknown({int(c)})") for c in cols["status"]]
-    return pd.DataFrame(cols)
+    if isinstance(path_or_root, zarr.Group):
+        root, store_path = path_or_root, store_path or path_or_root.store.root
+    else:
+        root, store_path = open_store(path_or_root), path_or_root
+    cols: dict[str, Any] = {"job_id": None}
+    coords = job_coords(root)
+    cols["job_id"] = coords.pop(JOB)
+    cols.update(coords)
+    ledger, damage = read_ledger(root)
+    cols.update(ledger)
+    cols["status"] = [status_name(c) for c in ledger["status"]]
+    cols["log_path"] = [resolve_in_store(store_path, p) for p in ledger["log_path"]]
+    cols["damaged"] = ["; ".join(damage.get(i, [])) for i in range(len(ledger["status"]))]
+    return pd.DataFrame({k: (v.astype(object) if isinstance(v, np.ndarray) and v.dtype.kind == "U" else v)
+                         for k, v in cols.items()})
 
 
 def job_ids_with_status(path_or_root: str | Path | zarr.Group, *names: str) -> list[str]:
     root = path_or_root if isinstance(path_or_root, zarr.Group) else open_store(path_or_root)
     wanted = {STATUS_CODES[n] for n in names}
-    ids = root["jobs/job_id"][:]
+    ids = job_coords(root)[JOB]
     return [str(ids[i]) for i, c in enumerate(statuses(root)) if int(c) in wanted]
 
 
@@ -343,61 +660,209 @@ def failed_job_ids(path_or_root) -> list[str]:
     return job_ids_with_status(path_or_root, "failed")
 
 
-def remove_store(path: str | Path) -> None:
-    """Delete a store and its work files (tests and `--overwrite`-style cleanups)."""
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(work_dir(path), ignore_errors=True)
+# ---------------------------------------------------------------------------------------------
+# the ledger API of drivers and schedulers
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Snapshot:
+    """Status code and attempt count of some job rows (only their chunks are read)."""
+
+    rows: dict[int, tuple[int, int]]  # job index -> (status code, attempts)
+
+    def of(self, job: Job) -> tuple[str, int]:
+        code, attempts = self.rows.get(job.index, (0, 0))
+        return STATUS_NAMES.get(code, "pending"), attempts
+
+
+def snapshot(store_path: str | Path, jobs: Sequence[Job]) -> Snapshot:
+    """The ledger entries of `jobs`, reading one chunk per job and array (cheap for a few jobs);
+    an entry whose chunk cannot be read counts as pending, never started."""
+    if not jobs:
+        return Snapshot({})
+    g = open_store(store_path)[JOBS]
+    rows = {}
+    for job in jobs:
+        try:
+            rows[job.index] = (int(g["status"][job.index]), int(g["attempts"][job.index]))
+        except Exception:  # noqa: BLE001 - damaged entry: `verify` names it
+            rows[job.index] = (0, 0)
+    return Snapshot(rows)
+
+
+def ended_since(before: Snapshot, now: Snapshot, job: Job) -> str | None:
+    """The job's outcome if a new attempt recorded one after `before` was taken, else None."""
+    status, attempts = now.of(job)
+    return status if status in ENDED and attempts > before.of(job)[1] else None
+
+
+def started_since(before: Snapshot, now: Snapshot, job: Job) -> bool:
+    return now.of(job)[1] > before.of(job)[1]
+
+
+def mark(store_path: str | Path, jobs: Sequence[Job], status: str, error: str = "") -> None:
+    """Set the status (and error message) of jobs that no worker is running; attempts are kept.
+
+    For the driver (scans that cannot be loaded: 'failed'; a lease taken over: 'interrupted')
+    and `verify --repair` ('pending': run again). The checksum is cleared: it no longer vouches
+    for the data.
+    """
+    g = open_store(store_path, mode="r+")[JOBS]
+    for job in jobs:
+        g["error"][job.index] = error
+        g["checksum"][job.index] = ""
+        g["status"][job.index] = STATUS_CODES[status]
+
+
+def record_lost(job: Job, store_path: str | Path, reason: str) -> None:
+    """Mark a job failed in the ledger when its process died before it could record anything."""
+    try:
+        JobWriter(store_path, job).finish("failed", math.nan, reason)
+        path = log_path(store_path, job.job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(f"scheduler: {reason}\n")
+    except Exception as err:  # noqa: BLE001 - the ledger stays 'running'; the next run picks the job up
+        print(f"could not record the failure of job {job.job_id}: {err}")
+
+
+def heartbeat_age(heartbeat: np.ndarray, now: float | None = None) -> np.ndarray:
+    """Seconds since each job's last heartbeat (inf where none was ever written)."""
+    now = time.time() if now is None else now
+    return np.where(np.isfinite(heartbeat), now - heartbeat, np.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums: what a finished job wrote, and the fingerprints of the ledger
+# ---------------------------------------------------------------------------------------------
+def data_digest(values: np.ndarray) -> str:
+    """Digest of an array's bytes, dtype and shape (as written and as read back decoded)."""
+    a = np.ascontiguousarray(values)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def job_parts(root: zarr.Group, job: Job) -> dict[str, tuple[zarr.Array, int]]:
+    """The chunks a job writes: part name ('metrics', 'summary', 'images/final', ...) → (array, row)."""
+    parts = {"metrics": (root[METRICS][VALUES], job.index), "summary": (root[SUMMARY][VALUES], job.index)}
+    if job.image_group and job.image_group in root[IMAGES]:
+        g = root[IMAGES][job.image_group]
+        parts.update({f"images/{name}": (g[name], job.image_index) for name in IMAGE_ARRAYS})
+    return parts
+
+
+def part_problem(root: zarr.Group, arr: zarr.Array, row: int, expected: str, values=None) -> str | None:
+    """What is wrong with one chunk a finished job wrote (None: it matches its checksum).
+    `values`: the row already read (the aggregation reads blocks of jobs)."""
+    name = chunk_name(arr, row)
+    path = chunk_file(root, arr, row)
+    if path is not None and not path.is_file():
+        return f"chunk {name} is missing"
+    if values is None:
+        try:
+            values = arr[row]
+        except Exception as err:  # noqa: BLE001 - garbage bytes, truncated file
+            return f"chunk {name} cannot be decoded ({type(err).__name__}: {err})"
+    if data_digest(values) != expected:
+        return f"chunk {name} does not match the job's checksum"
+    return None
+
+
+def parse_checksum(text: str) -> dict[str, str]:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def ledger_digests(root: zarr.Group) -> list[bytes]:
+    """Per job, a digest of its (status, attempts): changes whenever the job is (re)run.
+
+    On a local directory store it hashes the job's two chunk files (bytes, '' when absent)
+    without decoding them: ~30 µs a job instead of zarr's ~0.5 ms a chunk, so checking a
+    10,000-job store takes well under a second. Otherwise it hashes the decoded values.
+    """
+    g = root[JOBS]
+    status, attempts = g["status"], g["attempts"]
+    digest = lambda data: hashlib.blake2b(data, digest_size=8).digest()  # noqa: E731
+    if chunk_file(root, status, 0) is None or root.path not in ("", "/"):
+        values = zip(statuses(root), read_rows(attempts, 0, attempts.shape[0])[0].astype(np.int32))
+        return [digest(s.tobytes() + a.tobytes()) for s, a in values]
+    out = []
+    for i in range(status.shape[0]):
+        parts = []
+        for arr in (status, attempts):
+            try:
+                parts.append(chunk_file(root, arr, i).read_bytes())
+            except FileNotFoundError:
+                parts.append(b"")           # never written: the fill value
+        out.append(digest(b"\0".join(parts)))
+    return out
+
+
+def fingerprint(digests: Sequence[bytes]) -> str:
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def live_fingerprint(root: zarr.Group) -> str:
+    """The fingerprint of the ledger now (compare with the aggregate's `ledger_fingerprint`)."""
+    return fingerprint(ledger_digests(root))
 
 
 # ---------------------------------------------------------------------------------------------
 # per-job writes (worker): only this job's chunks, never metadata
 # ---------------------------------------------------------------------------------------------
 class JobWriter:
-    """Writes one job's chunks into an existing store; `finish` writes the ledger, status last."""
+    """Writes one job's chunks into an existing store; `finish` writes the ledger: checksum of
+    what was written, then status last."""
 
     def __init__(self, store_path: str | Path, job: Job):
         self.root = open_store(store_path, mode="r+")
         self.job = job
         self.i = job.index
+        self.digests: dict[str, str] = {}
 
     def start(self, device: str, threads: int = 0) -> int:
         """Mark running, count the attempt; returns the attempt number."""
-        import socket
-        import time
-
-        g = self.root["jobs"]
-        attempts = int(g["attempts"][self.i]) + 1
+        g = self.root[JOBS]
+        try:
+            attempts = int(g["attempts"][self.i]) + 1
+        except Exception:  # noqa: BLE001 - a damaged entry (verify found it): count from its repair
+            attempts = 1
         g["attempts"][self.i] = attempts
         g["device"][self.i] = device
         g["threads"][self.i] = int(threads)
         g["host"][self.i] = socket.gethostname()
         g["heartbeat"][self.i] = time.time()
+        g["checksum"][self.i] = ""
         g["status"][self.i] = STATUS_CODES["running"]
         return attempts
 
     def heartbeat(self) -> None:
         """Say the job is still alive (`status` tells running jobs from stale ones by this)."""
-        import time
-
-        self.root["jobs"]["heartbeat"][self.i] = time.time()
+        self.root[JOBS]["heartbeat"][self.i] = time.time()
 
     def metrics(self, history: dict[str, np.ndarray]) -> None:
-        arr = self.root["metrics/values"]
-        names = list(self.root["metrics"]["values"].attrs["metric_names"])
+        arr = self.root[METRICS][VALUES]
+        names = list(as_text(self.root[METRICS]["metric"][:]))
         block = np.full(arr.shape[1:], np.nan, dtype=np.float32)  # the whole chunk: no read-modify-write
         for name, values in history.items():
             if name in names:
                 n = min(len(values), block.shape[1])
                 block[names.index(name), :n] = np.asarray(values[:n], dtype=np.float32)
         arr[self.i] = block
+        self.digests["metrics"] = data_digest(block)
 
     def summary(self, values: dict[str, float]) -> None:
         row = np.array([float(values.get(f, np.nan)) for f in SUMMARY_FIELDS], dtype=np.float64)
-        self.root["summary/values"][self.i] = row
+        self.root[SUMMARY][VALUES][self.i] = row
+        self.digests["summary"] = data_digest(row)
 
     def images(self, **images: np.ndarray | None) -> None:
-        """final, early_stopped (C, H, W); reference, degraded (Cd, H, W); None leaves NaN."""
-        g = self.root["images"][self.job.image_group]
+        """final, early_stopped, ema (C, H, W); reference, degraded (Cd, H, W); None leaves NaN."""
+        g = self.root[IMAGES][self.job.image_group]
         for name, image in images.items():
             if name not in IMAGE_ARRAYS:
                 raise KeyError(f"unknown image array {name!r}; expected one of {', '.join(IMAGE_ARRAYS)}")
@@ -411,11 +876,13 @@ class JobWriter:
                 raise ValueError(f"image {name!r} of job {self.job.job_id} has shape {image.shape}; "
                                  f"the store's group {self.job.image_group!r} expects {arr.shape[1:]}")
             arr[self.job.image_index] = image
+            self.digests[f"images/{name}"] = data_digest(image)
 
     def finish(self, status: str, runtime_s: float, error: str = "", device: str | None = None) -> None:
-        g = self.root["jobs"]
+        g = self.root[JOBS]
         g["runtime_s"][self.i] = float(runtime_s)
         g["error"][self.i] = error
         if device is not None:
             g["device"][self.i] = device
+        g["checksum"][self.i] = json.dumps(self.digests, sort_keys=True) if status in FINISHED else ""
         g["status"][self.i] = STATUS_CODES[status]  # LAST: 'done' means every other write is complete

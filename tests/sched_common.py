@@ -67,7 +67,7 @@ def reference_store(manifest_path: Path, base: Path) -> Path:
 
 def statuses(store: Path) -> dict[str, str]:
     g = zarr.open_group(str(store), mode="r")["jobs"]
-    return {str(j): STATUS_NAMES[int(s)] for j, s in zip(g["job_id"][:], g["status"][:])}
+    return {str(j): STATUS_NAMES[int(s)] for j, s in zip(g["job"][:], g["status"][:])}
 
 
 def threads(store: Path) -> dict[str, int]:
@@ -78,13 +78,13 @@ def threads(store: Path) -> dict[str, int]:
 
 def attempts(store: Path) -> dict[str, int]:
     g = zarr.open_group(str(store), mode="r")["jobs"]
-    return {str(j): int(a) for j, a in zip(g["job_id"][:], g["attempts"][:])}
+    return {str(j): int(a) for j, a in zip(g["job"][:], g["attempts"][:])}
 
 
 def assert_same_results(store: Path, reference: Path, job_ids: list[str] | None = None) -> None:
     """Same job ids in the same rows, and identical metrics, summaries (less timings) and images."""
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(reference), mode="r")
-    ids_a, ids_b = list(a["jobs/job_id"][:]), list(b["jobs/job_id"][:])
+    ids_a, ids_b = list(a["jobs/job"][:]), list(b["jobs/job"][:])
     assert ids_a == ids_b
     rows = [ids_a.index(j) for j in job_ids] if job_ids else list(range(len(ids_a)))
     np.testing.assert_array_equal(a["metrics/values"][rows], b["metrics/values"][rows])

@@ -49,8 +49,9 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     n = len(jobs)
     assert root.attrs["cohort"] == "t"
     assert root.attrs["manifest"] == "cohort: t\n"
-    assert root.attrs["status_codes"] == STATUS_CODES
-    assert "numpy" in root.attrs["packages"] and "zarr" in root.attrs["packages"]
+    assert st.root_attr(root, "status_codes") == STATUS_CODES
+    assert "numpy" in st.root_attr(root, "packages") and "zarr" in st.root_attr(root, "packages")
+    assert root.attrs["layout_version"] == 2 and root.attrs["manifest_path"] == "../m.yaml"
     assert "git_commit" in root.attrs and root.attrs["created"].endswith("+00:00")
     names = root.attrs["metric_names"]
     assert names[:len(st.BASE_METRICS)] == list(LOOP_METRICS) and "data" in names and "autoencoding" in names
@@ -59,14 +60,15 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     assert root.attrs["max_steps"] == STEPS
 
     g = root["jobs"]
-    for name in (*st.COORDS, *st.INT_COORDS, *st.LEDGER):
+    for name in (st.JOB, *st.COORDS, *st.INT_COORDS, *st.LEDGER):
         assert g[name].shape == (n,), name
     for name in st.LEDGER:
         assert g[name].chunks == (1,), f"ledger {name} must be one chunk per job"
-    assert list(g["job_id"][:]) == [j.job_id for j in jobs]
+    assert list(g["job"][:]) == [j.job_id for j in jobs]
     assert list(g["seed"][:]) == [j.seed for j in jobs]
     assert (g["status"][:] == STATUS_CODES["pending"]).all()
-    assert all(p.endswith(f"{j.job_id}.log") for p, j in zip(g["log_path"][:], jobs))
+    # relative to the store: a store moved with its work directory still finds its logs
+    assert all(p == f"../res.zarr.work/logs/{j.job_id}.log" for p, j in zip(g["log_path"][:], jobs))
 
     m = root["metrics/values"]
     assert m.shape == (n, len(names), STEPS) and m.chunks == (1, len(names), STEPS)
@@ -156,7 +158,7 @@ def test_each_job_owns_its_chunk_files(tmp_path):
     # error '' equals the fill value: zarr stores no chunk for it
     # threads 0 equals the fill value too
     expected = {"jobs/status/c/2", "jobs/attempts/c/2", "jobs/runtime_s/c/2", "jobs/device/c/2",
-                "jobs/heartbeat/c/2", "jobs/host/c/2",
+                "jobs/heartbeat/c/2", "jobs/host/c/2", "jobs/checksum/c/2",
                 "metrics/values/c/2/0/0", "summary/values/c/2/0",
                 f"images/{group}/final/c/{row}/0/0/0", f"images/{group}/reference/c/{row}/0/0/0",
                 f"images/{group}/degraded/c/{row}/0/0/0"}
@@ -202,3 +204,100 @@ def test_open_store_rejects_other_directories(tmp_path):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(st.StoreError, match="no 'jobs' group"):
         st.open_store(tmp_path / "plain.zarr")
+    with pytest.raises(st.StoreError, match="no results store there"):
+        st.open_store(tmp_path / "absent.zarr")
+
+
+def test_a_layout_1_store_is_refused_in_one_line(tmp_path):
+    path, _, _ = build(tmp_path, n=2)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    root.attrs["layout_version"] = 1
+    st.consolidate(path)
+    with pytest.raises(st.StoreError, match="store layout 1 .* new --out") as err:
+        st.open_store(path)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic creation
+# ---------------------------------------------------------------------------------------------
+def _create(path: Path, n: int = 8, stream=None) -> None:
+    jobs = make_jobs(n)
+    placed, groups = st.assign_image_groups(jobs, shapes_for(jobs))
+    st.create_store(path, placed, groups, cohort="t", manifest_text="cohort: t\n", manifest_path=path.parent / "m.yaml",
+                    metric_names=st.metric_names_for(["dip", "aseqdip"]), stream=stream)
+
+
+def _create_in_child(path: str, n: int, started) -> None:
+    started.set()
+    _create(Path(path), n)
+
+
+def test_a_killed_creation_leaves_nothing_under_the_name_and_the_next_one_cleans_up(tmp_path):
+    import io
+    import random
+    import time
+
+    ctx = mp.get_context("spawn")
+    outcomes = set()
+    # creating 1,000 jobs takes ~3 s here: moments from its start to past its end
+    for k, delay in enumerate(sorted(random.Random(0).uniform(0.05, 2.5) for _ in range(3)) + [30.0]):
+        path = tmp_path / f"kill{k}.zarr"
+        started = ctx.Event()
+        child = ctx.Process(target=_create_in_child, args=(str(path), 1000, started))
+        child.start()
+        assert started.wait(120)
+        child.join(delay)
+        child.kill()                                           # SIGKILL at some moment of creation
+        child.join()
+        if (path / "zarr.json").is_file():                     # it had finished: whole, opens
+            outcomes.add("complete")
+            assert st.open_store(path)["jobs/status"].shape == (1000,)
+            continue
+        outcomes.add("interrupted")
+        assert not path.exists() and st.creating_siblings(path)
+        with pytest.raises(st.StoreError, match="never completed.*run .* again") as err:
+            st.open_store(path)
+        assert "\n" not in str(err.value)
+        notes = io.StringIO()
+        _create(path, stream=notes)                            # the rerun removes the leftover
+        assert "removed" in notes.getvalue() and not st.creating_siblings(path)
+        assert st.open_store(path)["jobs/status"].shape == (8,)
+    assert outcomes == {"interrupted", "complete"}
+
+
+def test_a_live_creator_is_named_and_a_store_that_appeared_meanwhile_is_kept(tmp_path):
+    import os
+    import socket
+
+    path = tmp_path / "res.zarr"
+    busy = tmp_path / f"res.zarr{st.CREATING}{socket.gethostname()}-{os.getpid()}"
+    busy.mkdir()
+    with pytest.raises(st.StoreError, match=f"pid {os.getpid()}.* is creating this store"):
+        _create(path)
+    busy.rmdir()
+    _create(path)
+    before = (path / "zarr.json").read_bytes()
+    with pytest.raises(st.StoreError, match="appeared while this run was creating it"):
+        _create(path)                                          # e.g. a second driver started together
+    assert (path / "zarr.json").read_bytes() == before and not st.creating_siblings(path)
+
+
+def test_a_full_disk_during_creation_leaves_no_store_and_says_so(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'}): needs root")
+    try:
+        path = mnt / "res.zarr"
+        with pytest.raises(st.StoreError, match="no space left on the device.*nothing was left under that name"):
+            _create(path, n=3000)
+        assert not path.exists() and not st.creating_siblings(path)
+        assert list(mnt.iterdir()) == []
+        with pytest.raises(st.StoreError, match="no results store there"):
+            st.open_store(path)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -102,7 +102,7 @@ def test_success_writes_everything_and_status_last(tmp_path, monkeypatch):
     # the stored final image has the PSNR the summary reports
     mse = float(np.mean((final - grp["reference"][r]) ** 2))
     assert abs(10 * math.log10(1.0 / mse) - summary["final_psnr"]) < 1e-3
-    log = Path(str(g["log_path"][i])).read_text()
+    log = Path(st.resolve_in_store(out, str(g["log_path"][i]))).read_text()  # stored relative to the store
     assert f"start job {job.job_id}" in log and f"end job {job.job_id}: done" in log
 
     assert run_job(job, out, device="cpu") == "done"  # a rerun counts a second attempt

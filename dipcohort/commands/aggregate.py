@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from pipeline.errors import UsageError
@@ -34,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     counted = int(ds.n_done.sum() + ds.n_diverged.sum())
     print(f"wrote {args.store}/aggregate in {time.perf_counter() - t0:.1f} s: statistics of {counted} of "
           f"{int(ds.n_jobs.sum())} jobs (done and diverged) in {ds.sizes['group']} task × solver groups over "
-          f"{ds.sizes['step']} steps; compact copy: {_compaction(ds.attrs['compaction'])}")
+          f"{ds.sizes['step']} steps; compact copy: {_compaction(json.loads(ds.attrs['compaction']))}")
     unfinished = int(ds.n_unfinished.sum())
     if unfinished:
         print(f"note: {unfinished} jobs are pending or running; aggregate again when they finish")

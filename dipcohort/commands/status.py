@@ -1,7 +1,8 @@
-"""`dipcohort status STORE`: counts per status and per solver, failed jobs with error and log."""
+"""`dipcohort status STORE`: counts per status and per solver, stale and damaged jobs, failed jobs with error and log."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.errors import UsageError
@@ -9,50 +10,80 @@ from pipeline.jobs import STATUS_CODES
 
 
 def register(subparsers) -> None:
+    from pipeline.store import STALE_AFTER_S
+
     p = subparsers.add_parser("status", help="progress of a results store: counts, failed jobs and their logs",
                               description=__doc__.splitlines()[0])
     p.add_argument("store", help="results store written by `dipcohort run`")
     p.add_argument("--all-failed", action="store_true", help="list every failed job (default: the first 20)")
+    p.add_argument("--stale-after", type=float, default=STALE_AFTER_S / 60, metavar="MINUTES",
+                   help="a running job whose worker sent no heartbeat for this long is shown as stale "
+                        f"(default {STALE_AFTER_S / 60:g})")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.store import StoreError, open_store
+    from pipeline.store import open_store
 
+    if not args.stale_after > 0:
+        raise UsageError(f"--stale-after must be > 0 minutes, got {args.stale_after:g}")
+    root = open_store(args.store)           # StoreError: one line, exit 2
     try:
-        root = open_store(args.store)
-    except StoreError as err:
-        raise UsageError(str(err)) from None
-    report(root, args.store, limit=None if args.all_failed else 20)
+        report(root, args.store, limit=None if args.all_failed else 20, stale_after_s=60 * args.stale_after)
+        sys.stdout.flush()
+    except BrokenPipeError:                 # `status STORE | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-def report(root, store_path, limit: int | None = 20, stream=None) -> dict[str, int]:
-    """Print counts per status, a solver × status table and the failed jobs; return the counts."""
-    from pipeline.store import ledger_table
+def report(root, store_path, limit: int | None = 20, stream=None, stale_after_s: float | None = None) -> dict[str, int]:
+    """Print counts per status (running split into live and stale), a solver × status table, the
+    damaged and the failed jobs; return the counts."""
+    from pipeline.store import STALE_AFTER_S, heartbeat_age, ledger_table
 
     stream = stream or sys.stdout
-    table = ledger_table(root)
-    names = [n for n in STATUS_CODES]
+    table = ledger_table(root, store_path)
+    names = list(STATUS_CODES) + (["damaged"] if (table["status"] == "damaged").any() else [])
     counts = table["status"].value_counts().to_dict()
+    running = table["status"] == "running"
+    stale = running & (heartbeat_age(table["heartbeat"].to_numpy()) > (stale_after_s or STALE_AFTER_S))
     print(f"{store_path}: cohort {root.attrs.get('cohort')!r}, {len(table)} jobs", file=stream)
-    print("  " + ", ".join(f"{n} {counts.get(n, 0)}" for n in names), file=stream)
+    parts = [f"{n} {counts.get(n, 0)}" + (f" (stale {int(stale.sum())})" if n == "running" and stale.any() else "")
+             for n in names]
+    print("  " + ", ".join(parts), file=stream)
+    if stale.any():
+        print(f"  stale: running jobs with no heartbeat for over {(stale_after_s or STALE_AFTER_S) / 60:g} min "
+              f"(their worker or driver has probably died; the next `dipcohort run` reruns them)", file=stream)
     print("", file=stream)
     per = table.groupby(["solver", "status"]).size().unstack(fill_value=0)
     width = max(len("solver"), *(len(s) for s in per.index))
     print(f"{'solver':<{width}}  " + "  ".join(f"{n:>8}" for n in names), file=stream)
     for solver, row in per.iterrows():
         print(f"{solver:<{width}}  " + "  ".join(f"{int(row.get(n, 0)):>8}" for n in names), file=stream)
-    failed = table[table["status"] == "failed"]
-    if len(failed):
-        print(f"\nfailed jobs ({len(failed)}):", file=stream)
-        shown = failed if limit is None else failed.head(limit)
-        for _, row in shown.iterrows():
-            first = (row["error"] or "").strip().splitlines()[:1]
-            print(f"  {row['job_id']}  {row['scan_id']}/{row['solver']}/seed{row['seed']}  attempts {row['attempts']}",
-                  file=stream)
-            print(f"    error: {first[0] if first else '(no message)'}", file=stream)
-            print(f"    log:   {row['log_path']}", file=stream)
-        if limit is not None and len(failed) > limit:
-            print(f"  ... {len(failed) - limit} more (--all-failed lists them all)", file=stream)
+    _damaged(table[table["damaged"] != ""], store_path, stream)
+    _failed(table[table["status"] == "failed"], limit, stream)
     return {n: int(counts.get(n, 0)) for n in names}
+
+
+def _damaged(damaged, store_path, stream) -> None:
+    if not len(damaged):
+        return
+    print(f"\ndamaged ledger entries ({len(damaged)}); `dipcohort verify {store_path} --repair` marks their jobs "
+          f"for rerun:", file=stream)
+    for _, row in damaged.iterrows():
+        print(f"  {row['job_id']}  {row['scan_id']}/{row['solver']}/seed{row['seed']}: {row['damaged']}", file=stream)
+
+
+def _failed(failed, limit: int | None, stream) -> None:
+    if not len(failed):
+        return
+    print(f"\nfailed jobs ({len(failed)}):", file=stream)
+    shown = failed if limit is None else failed.head(limit)
+    for _, row in shown.iterrows():
+        first = (row["error"] or "").strip().splitlines()[:1]
+        print(f"  {row['job_id']}  {row['scan_id']}/{row['solver']}/seed{row['seed']}  attempts {row['attempts']}",
+              file=stream)
+        print(f"    error: {first[0] if first else '(no message)'}", file=stream)
+        print(f"    log:   {row['log_path']}", file=stream)
+    if limit is not None and len(failed) > limit:
+        print(f"  ... {len(failed) - limit} more (--all-failed lists them all)", file=stream)
