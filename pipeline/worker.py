@@ -74,6 +74,7 @@ def run_job(job: Job, store_path: str | Path, device: str | torch.device | None 
 
 def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog) -> str:
     from recon.simulate import degraded_image
+    from recon.rng import solver_seed
     from recon.solvers import run_solver
 
     if not job.image_group:
@@ -84,7 +85,7 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
     resumed = ckpt.is_file()
     if resumed:
         log.line(f"resuming from checkpoint {ckpt}")
-    result = run_solver(job.solver, problem, steps=job.steps, params=job.params, seed=job.seed, device=dev,
+    result = run_solver(job.solver, problem, steps=job.steps, params=job.params, seed=solver_seed(job.scan.id, job.seed), device=dev,
                         ssim_every=job.ssim_every, checkpoint_path=ckpt if job.checkpoint_every else None,
                         checkpoint_every=job.checkpoint_every, progress=None)
     writer.metrics(result.history)
