@@ -26,9 +26,12 @@ def load(spec: ScanSpec):
 
 
 def build_problem(spec: ScanSpec, seed: int, data=None):
-    """A recon.Problem for this scan: simulated from the ground truth, or from measured data."""
+    """A recon.Problem for this scan: simulated from the ground truth, or from measured data.
+    Its random draws (noise, masks, coil maps) come from (scan id, seed): no two scans share one."""
     from recon import simulate as sim
+    from recon.rng import measurement_seed
 
+    seed = measurement_seed(spec.id, seed)
     if spec.kind == "simulate":
         data = load(spec) if data is None else data
         return sim.simulate(spec.task, data.image, dict(spec.task_params), seed)

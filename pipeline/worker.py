@@ -151,6 +151,7 @@ def _heartbeat(writer: JobWriter, every_s: float = JOB_HEARTBEAT_S):
 def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog,
              stop: StopCheck) -> str:
     from recon.simulate import degraded_image
+    from recon.rng import solver_seed
     from recon.solvers import run_solver
 
     if not job.image_group:
@@ -163,7 +164,8 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
         log.line(f"resuming from checkpoint {ckpt}")
     # the checkpoint path is always given: a stop request leaves a checkpoint there (periodic
     # checkpoints only with checkpoint_every), so a rerun continues where the job stopped
-    result = run_solver(job.solver, problem, steps=job.steps, params=job.params, seed=job.seed, device=dev,
+    result = run_solver(job.solver, problem, steps=job.steps, params=job.params,
+                        seed=solver_seed(job.scan.id, job.seed), device=dev,
                         ssim_every=job.ssim_every, checkpoint_path=ckpt, checkpoint_every=job.checkpoint_every,
                         progress=_heartbeat(writer), should_stop=stop)
     writer.metrics(result.history)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from recon.operators import ct as ct_ops
 from recon.operators import mri as mri_ops
 from recon.operators import restoration as rest
+from recon.operators.base import LinearOperator, unit_norm
 from recon.problem import TASKS, Problem
 
 __all__ = ["simulate", "from_measurements", "degraded_image", "TASK_DEFAULTS"]
@@ -56,12 +57,32 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # and 8x); equispaced masks as fastMRI multi-coil data; 4 simulated coils (ours, the paper's
     # 15 measured coils need no simulation); noise-free, like retrospective undersampling;
     # a smooth phase of peak pi/4 rad makes the ground truth genuinely complex (ours).
-    "mri": {"acceleration": 4, "center_fraction": None, "coils": 4, "mask": "equispaced", "noise": 0.0,
-            "phase": math.pi / 4},
+    "mri": {"preset": "noise-free", "acceleration": 4, "center_fraction": None, "coils": 4, "mask": "equispaced",
+            "noise": 0.0, "snr_db": None, "phase": math.pi / 4},
     # 18 views (aSeqDIP Table 1: 18 or 30), noise-free post-log data (Sec. 4: I0 "assumed 1 for
     # simplicity"); attenuation scaling of LoDoPaB-CT when photons are given.
-    "ct": {"views": 18, "photons": None, "attenuation": ct_ops.LODOPAB_ATTENUATION, "noise": 0.0,
-           "circle": True, "filter": "ramp"},
+    "ct": {"preset": "noise-free", "views": 18, "photons": None, "attenuation": ct_ops.LODOPAB_ATTENUATION,
+           "noise": 0.0, "circle": True, "filter": "ramp"},
+}
+
+# Named noise settings: a preset fills in noise parameters the user did not give.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ct": {
+        # the aSeqDIP paper's setting (Sec. 4): noise-free post-log data, I0 "assumed 1 for simplicity"
+        "noise-free": {"photons": None},
+        # post-log Poisson noise, I0 = 4096 photons per ray: LoDoPaB-CT's low-dose data
+        # (Leuschner et al. 2021, Sci. Data 8:109, "Methods"), with its attenuation scaling
+        "low-dose": {"photons": ct_ops.LODOPAB_PHOTONS},
+    },
+    "mri": {
+        # retrospective undersampling of the ground truth without added noise, as the aSeqDIP
+        # paper's simulated setting (Sec. 4; fastMRI k-space brings its own noise)
+        "noise-free": {"snr_db": None},
+        # complex Gaussian k-space noise at 30 dB SNR (signal energy of the sampled k-space over
+        # the noise's expected energy): our choice, a clearly visible but moderate noise level; no
+        # paper in ../shared/papers states one
+        "noisy": {"snr_db": 30.0},
+    },
 }
 
 # measured-data parameters (from_measurements)
@@ -94,7 +115,26 @@ def _resolve(task: str, params: dict | None, table: dict[str, dict[str, Any]], w
     if unknown:
         raise ValueError(f"{where}: unknown parameter(s) {', '.join(unknown)} for task {task!r}; "
                          f"expected any of {', '.join(sorted(table[task]))}")
-    return {**table[task], **params}
+    return _apply_preset(task, {**table[task], **params}, params)
+
+
+def _apply_preset(task: str, p: dict, given: dict) -> dict:
+    """Fill in the preset's noise parameters the user did not give; a noise parameter that
+    contradicts 'noise-free' is an error rather than silently winning."""
+    if "preset" not in p:
+        return p
+    presets = PRESETS[task]
+    if p["preset"] not in presets:
+        raise ValueError(f"parameter 'preset' must be one of {', '.join(presets)}, got {p['preset']!r}")
+    for key, value in presets[p["preset"]].items():
+        if key not in given:
+            p[key] = value
+        elif given[key] is not None and p["preset"] == "noise-free":
+            if "preset" in given:
+                raise ValueError(f"parameter {key!r} = {given[key]!r} adds noise, but preset is 'noise-free'; "
+                                 f"drop {key!r} or choose another preset")
+            p["preset"] = "custom"  # noise set by hand, not by a named setting (meta says so)
+    return p
 
 
 def _number(p: dict, key: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -145,9 +185,16 @@ def _gaussian(shape, std: float, seed: int) -> torch.Tensor:
     return std * torch.randn(shape, generator=_generator(seed, "noise"))
 
 
-def _problem(task, op, y, gt, data_range, noise_sigma, meta, fbp=None) -> Problem:
-    return Problem(task=task, operator=op, measurements=y.detach().contiguous(), ground_truth=gt,
-                   data_range=float(data_range), fbp=fbp, noise_sigma=noise_sigma, meta=meta)
+def _problem(task, op, y, gt, data_range, noise_sigma, meta, fbp=None, metric_mask=None) -> Problem:
+    """The problem with the unit-norm operator A / c and y / c (one scale for every task);
+    `y`, `op` and `noise_sigma` are physical. Non-linear operators keep their scale (c = 1)."""
+    scale = 1.0
+    if isinstance(op, LinearOperator):
+        op, scale = unit_norm(op)
+    meta = {**meta, "measurement_scale": scale}
+    return Problem(task=task, operator=op, measurements=(y / scale).detach().contiguous(), ground_truth=gt,
+                   data_range=float(data_range), fbp=fbp, noise_sigma=noise_sigma, measurement_scale=scale,
+                   metric_mask=metric_mask, meta=meta)
 
 
 # ------------------------------------------------------------------------------ simulate
@@ -264,6 +311,9 @@ def _mri(x, p, seed):
     _, _, h, w = x.shape
     coils = _number(p, "coils", 1, integer=True)
     noise = _number(p, "noise", 0.0)
+    snr_db = None if p["snr_db"] is None else _number(p, "snr_db")
+    if snr_db is not None and noise > 0:
+        raise ValueError("mri: give either 'noise' (a std) or 'snr_db', not both")
     peak = _number(p, "phase", 0.0, math.pi)
     mask = _mri_mask(p, w, _generator(seed, "mask").initial_seed())
     sens = mri_ops.birdcage_sensitivities(coils, h, w)
@@ -273,12 +323,23 @@ def _mri(x, p, seed):
     gt = mri_ops.to_channels(z)
     with torch.no_grad():
         clean = op(gt)
+    if snr_db is not None:
+        noise = kspace_noise_std(clean, op.mask, snr_db)
     gen = _generator(seed, "noise")
     n = torch.complex(torch.randn(clean.shape, generator=gen), torch.randn(clean.shape, generator=gen))
     y = clean + op.mask * noise * n
     meta = {"coils": coils, "acceleration_effective": op.acceleration,
             "sampled_columns": int(mask.sum()), "sensitivities": "birdcage" if coils > 1 else "none"}
+    meta.update(noise_std=noise, snr_db=snr_db)
     return _problem("mri", op, y, gt, float(z.abs().max()), noise, meta)
+
+
+def kspace_noise_std(clean: torch.Tensor, mask: torch.Tensor, snr_db: float) -> float:
+    """Std per real / imaginary part of complex Gaussian noise giving `snr_db` =
+    10 log10(||M F S x||^2 / E||M n||^2) over the sampled k-space (E||M n||^2 = 2 std^2 per sample)."""
+    sampled = float(mask.expand_as(clean).sum())
+    energy = float((clean.abs() ** 2).sum())
+    return math.sqrt(energy / (2.0 * sampled * 10 ** (snr_db / 10)))
 
 
 def _ct(x, p, seed):
@@ -305,7 +366,15 @@ def _ct(x, p, seed):
     meta = {"views": views, "detectors": op.detectors, "angles_deg": op.angles.tolist(),
             "photons": photons, "noise_std": std, "masked_outside_disc": bool(p["circle"])}
     sigma = std if photons is None else None  # Poisson noise varies per ray: no single sigma
-    return _problem("ct", op, y, gt, 1.0, sigma, meta, fbp=op.fbp)
+    disc = op.disc.bool() if p["circle"] else None
+    return _problem("ct", op, y, gt, _ct_data_range(gt, disc), sigma, meta, fbp=op.fbp, metric_mask=disc)
+
+
+def _ct_data_range(gt: torch.Tensor, disc: torch.Tensor | None) -> float:
+    """The reference's maximum inside the disc: `MaskedPSNR` of the DIP-for-CT chapter's code
+    (github.com/alexdenker/deep-image-prior-handbook, dip/model/utils.py: data_range = x_masked.max())."""
+    inside = gt[0, 0][disc] if disc is not None else gt
+    return max(float(inside.max()), 1e-12)
 
 
 # -------------------------------------------------------------------- measured data
@@ -428,11 +497,12 @@ def _measured_ct(sinogram, p, reference) -> Problem:
                              filter_name=p["filter"])
     ref = _as_reference(reference, (size, size), "from_measurements(ct)")
     gt = None if ref is None else ref[None, None]
-    data_range = 1.0 if ref is None else max(float(ref.max() - ref.min()), 1e-12)
+    disc = op.disc.bool() if op.circle else None
+    data_range = 1.0 if ref is None else _ct_data_range(gt, disc)
     # line integrals in physical units / pixel size = pixel units, those of the operator
     y = (s / pixel)[None, None]
     meta = {"views": views, "detectors": detectors, "angles_deg": angles.tolist()}
-    problem = _problem("ct", op, y, gt, data_range, None, meta, fbp=op.fbp)
+    problem = _problem("ct", op, y, gt, data_range, None, meta, fbp=op.fbp, metric_mask=disc)
     problem.meta = {"source": "measured", "task": "ct", "params": p, **problem.meta}
     return problem
 
@@ -447,8 +517,10 @@ def degraded_image(problem: Problem) -> torch.Tensor:
     if problem.task == "ct":
         x = problem.fbp_image()
     elif problem.task == "sr":
-        x = F.interpolate(problem.measurements.float(), size=tuple(problem.image_shape[2:]),
+        x = F.interpolate(problem.physical_measurements().float(), size=tuple(problem.image_shape[2:]),
                           mode="bicubic", align_corners=False)
+    elif problem.task == "mri":
+        x = problem.physical_adjoint_image()
     else:
         x = problem.measurement_image()
     return problem.display(x.float())

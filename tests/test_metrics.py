@@ -177,3 +177,25 @@ def test_early_stopper_delta_needs_relative_decrease():
 def test_early_stopper_never_stops_without_a_value():
     es = EarlyStopper(patience=0)
     assert not es.should_stop(5)
+
+
+def _disc(n: int) -> np.ndarray:
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    return (yy ** 2 + xx ** 2) <= (n // 2) ** 2
+
+
+@pytest.mark.parametrize("name,ref,test", IMAGES, ids=[i[0] for i in IMAGES])
+def test_masked_metrics_match_a_reference_computation(name, ref, test):
+    """Inside a disc: PSNR = numpy over the disc's pixels; SSIM = skimage's full=True map averaged
+    over the disc (the CT chapter's MaskedPSNR, data range = max of the reference inside)."""
+    disc = _disc(ref.shape[0])
+    dr = float(ref[disc].max())
+    expect_psnr = 10 * np.log10(dr ** 2 / np.mean((ref[disc] - test[disc]) ** 2))
+    assert peak_signal_noise_ratio(ref[disc], test[disc], data_range=dr) == pytest.approx(expect_psnr)
+    got = psnr(t(test)[None, None], t(ref)[None, None], dr, mask=t(disc)).item()
+    assert got == pytest.approx(expect_psnr, abs=1e-9)
+    _, smap = structural_similarity(ref, test, data_range=dr, full=True)
+    got_ssim = ssim(t(test)[None, None], t(ref)[None, None], dr, mask=t(disc)).item()
+    assert got_ssim == pytest.approx(float(smap[disc].mean()), abs=1e-6)
+    # the disc changes the numbers: this image is not scored over the whole frame
+    assert got_ssim != pytest.approx(float(smap.mean()), abs=1e-6)

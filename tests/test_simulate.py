@@ -150,7 +150,7 @@ def test_mri_ground_truth_and_measurements(gray):
 
 def test_ct_problem(gray):
     p = simulate("ct", gray, {"views": 18}, seed=0)
-    assert isinstance(p.operator, RayTransform) and p.operator.views == 18
+    assert isinstance(p.operator.base, RayTransform) and p.operator.views == 18  # unit norm: A / ||A||
     torch.testing.assert_close(p.measurements, p.operator(p.ground_truth))  # noise-free by default
     assert float(p.ground_truth[0, 0, 0, 0]) == 0.0  # outside the field-of-view disc
     assert p.fbp_image().shape == (1, 1, 32, 32)
@@ -158,7 +158,8 @@ def test_ct_problem(gray):
     assert noisy.noise_sigma is None and noisy.meta["photons"] == 1e3
     gauss = simulate("ct", gray, {"views": 18, "noise": 0.05}, seed=0)
     resid = gauss.measurements - gauss.operator(gauss.ground_truth)
-    assert float(resid.std()) == pytest.approx(gauss.noise_sigma, rel=0.2)
+    # noise_sigma is physical (pixel-unit line integrals): the unit-scale residual times ||A||
+    assert float(resid.std()) * gauss.measurement_scale == pytest.approx(gauss.noise_sigma, rel=0.2)
 
 
 BAD = [
@@ -224,7 +225,7 @@ def _fastmri_like(gray: np.ndarray, coils: int = 4) -> np.ndarray:
 def test_measured_mri_fully_sampled_with_retrospective_mask(gray):
     kspace = _fastmri_like(gray)
     p = from_measurements("mri", kspace, {"acceleration": 4}, reference=gray, seed=1)
-    assert isinstance(p.operator, MultiCoilMRI) and p.operator.coils == 4
+    assert isinstance(getattr(p.operator, "base", p.operator), MultiCoilMRI) and p.operator.coils == 4
     assert p.meta["acceleration_effective"] == pytest.approx(4, rel=0.15)
     # the reference (scaled to peak 1) is the ground truth's magnitude, with phase 0
     torch.testing.assert_close(p.display(p.ground_truth)[0, 0], torch.from_numpy(gray / gray.max()),
@@ -288,7 +289,7 @@ def test_measured_mri_errors(gray):
 
 def test_measured_ct(gray):
     sim = simulate("ct", gray, {"views": 12}, seed=0)
-    sino = sim.measurements[0, 0].numpy()
+    sino = sim.physical_measurements()[0, 0].numpy()  # a measured sinogram is physical
     p = from_measurements("ct", sino, {}, reference=sim.ground_truth[0, 0].numpy())
     torch.testing.assert_close(p.operator(p.ground_truth), sim.measurements)
     torch.testing.assert_close(p.fbp_image(), sim.fbp_image())

@@ -208,7 +208,7 @@ def test_pnp_admm_with_the_tv_prox_solves_the_tv_problem(ct):
     w = 0.05
     objective = lambda x: float(ct.data_fidelity(x) + w * tv_norm(x))  # noqa: E731
     pdhg = run_solver("tv", ct, steps=1000, params={"alpha": w}, device="cpu", ssim_every=0)
-    admm = run_solver("pnp-admm", ct, steps=50, params={"denoiser": "tv", "strength": w}, device="cpu",
+    admm = run_solver("pnp-admm", ct, steps=200, params={"denoiser": "tv", "strength": w}, device="cpu",
                       ssim_every=0)
     assert objective(admm.image) == pytest.approx(objective(pdhg.image), rel=1e-4)
     assert objective(pdhg.image) < objective(ct.fbp_image())

@@ -152,21 +152,25 @@ def test_non_finite_loss_is_diverged_with_metrics_kept(tmp_path):
 def test_resumes_from_checkpoint_with_the_same_numbers(tmp_path):
     from recon.solvers import run_solver
 
-    out, jobs = cohort(tmp_path, "  - {name: dip, params: {network: tiny}}", extra="checkpoint_every: 10",
-                       scans='\n  - {id: a, source: "skimage:camera", task: denoise}\n'
-                             '  - {id: b, source: "skimage:camera", task: denoise}')
-    a, b = jobs  # same scan content, same seed: same numbers, different rows
-    assert run_job(a, out, device="cpu") == "done"  # uninterrupted
+    from recon.rng import solver_seed
+
+    solvers, scans = "  - {name: dip, params: {network: tiny}}", '\n  - {id: b, source: "skimage:camera", task: denoise}'
+    (tmp_path / "fresh").mkdir()
+    fresh, (a,) = cohort(tmp_path / "fresh", solvers, extra="checkpoint_every: 10", scans=scans)
+    out, (b,) = cohort(tmp_path, solvers, extra="checkpoint_every: 10", scans=scans)
+    # the same job in two stores: uninterrupted in one (draws per scan id: no other row shares its numbers)
+    assert run_job(a, fresh, device="cpu") == "done"
     ckpt = st.checkpoint_path(out, b.job_id)
-    assert not st.checkpoint_path(out, a.job_id).exists(), "checkpoint removed after a successful write"
+    assert not st.checkpoint_path(fresh, a.job_id).exists(), "checkpoint removed after a successful write"
     # an interrupted run of b: a checkpoint at step 10 is left behind (as after a Slurm requeue)
-    run_solver(b.solver, build_problem(b.scan, b.seed), steps=STEPS, params=b.params, seed=b.seed, device="cpu",
+    run_solver(b.solver, build_problem(b.scan, b.seed), steps=STEPS, params=b.params,
+               seed=solver_seed(b.scan.id, b.seed), device="cpu",
                ssim_every=b.ssim_every, checkpoint_path=ckpt, checkpoint_every=10)
     assert ckpt.is_file()
     assert run_job(b, out, device="cpu") == "done"
     assert "resuming from checkpoint" in st.log_path(out, b.job_id).read_text()
     assert not ckpt.exists()
-    root = zarr.open_group(str(out), mode="r")
-    np.testing.assert_array_equal(root["metrics/values"][b.index], root["metrics/values"][a.index])
-    grp = root["images"][a.image_group]
-    np.testing.assert_array_equal(grp["final"][b.image_index], grp["final"][a.image_index])
+    root, ref = zarr.open_group(str(out), mode="r"), zarr.open_group(str(fresh), mode="r")
+    np.testing.assert_array_equal(root["metrics/values"][b.index], ref["metrics/values"][a.index])
+    np.testing.assert_array_equal(root["images"][b.image_group]["final"][b.image_index],
+                                  ref["images"][a.image_group]["final"][a.image_index])

@@ -81,3 +81,36 @@ def dot_product_test(op: LinearOperator, seed: int = 0) -> float:
     lhs = float(inner(ax, y))
     rhs = float(inner(x, op.adjoint(y)))
     return abs(lhs - rhs) / max(abs(lhs), 1e-30)
+
+
+class ScaledOperator(LinearOperator):
+    """A / c: the same forward model divided by a constant, e.g. c = ||A|| for a unit-norm operator
+    (deepinv's `Tomography(normalize=True)`). `base` keeps the physical operator (its FBP, masks)."""
+
+    def __init__(self, base: LinearOperator, scale: float):
+        if not scale > 0:
+            raise ValueError(f"operator scale must be > 0, got {scale}")
+        super().__init__(base.domain_shape)
+        self.base = base
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) / self.scale
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.base.adjoint(y) / self.scale
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # geometry of the physical operator (views, factor, mask, ...)
+            return getattr(super().__getattr__("base"), name)
+
+
+def unit_norm(op: LinearOperator, tol: float = 1e-4) -> tuple[LinearOperator, float]:
+    """(A / ||A||, ||A||) with ||A|| by power iteration; A itself and 1.0 when ||A|| is already 1
+    within `tol` (identity, masks, normalised blurs and coil maps: exactly 1 by construction)."""
+    c = op.norm()
+    if abs(c - 1.0) <= tol:
+        return op, 1.0
+    return ScaledOperator(op, c), c

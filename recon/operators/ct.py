@@ -24,15 +24,21 @@ import torch
 from recon.operators.base import LinearOperator
 
 __all__ = ["RayTransform", "equispaced_angles", "fbp_filter", "FILTERS", "post_log_measurements",
-           "LODOPAB_ATTENUATION", "LODOPAB_MIN_PHOTONS"]
+           "LODOPAB_ATTENUATION", "LODOPAB_MIN_PHOTONS", "LODOPAB_PHOTONS"]
 
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 
 # mu_max * field of view = 81.35858 m^-1 * 0.26 m: images in [0, 1] scaled to attenuation
 # coefficients as in LoDoPaB-CT (Leuschner et al. 2021, Sci. Data 8:109, "Methods").
 LODOPAB_ATTENUATION = 81.35858 * 0.26
+# mean photons per detector bin without attenuation in LoDoPaB-CT's low-dose data, N0 = 4096
+# (same section); the order of magnitude, ~1e4, of low-dose CT benchmarks
+LODOPAB_PHOTONS = 4096.0
 # zero photon counts are replaced by 0.1 before the log, as in LoDoPaB-CT (same section).
 LODOPAB_MIN_PHOTONS = 0.1
+
+
+_NORMS: dict[tuple, float] = {}  # RayTransform.norm by geometry
 
 
 def equispaced_angles(views: int) -> np.ndarray:
@@ -154,6 +160,19 @@ class RayTransform(LinearOperator):
     @property
     def views(self) -> int:
         return int(self.angles.size)
+
+    @property
+    def geometry(self) -> tuple:
+        """What the matrix depends on: size, detectors, circle and the angles (degrees)."""
+        return (self.size, self.detectors, self.circle, tuple(np.round(self.angles, 9).tolist()))
+
+    def norm(self, iterations: int = 100, seed: int = 0, tol: float = 1e-7) -> float:
+        """||A|| by power iteration, computed once per geometry (it costs ~100 products at 512 px;
+        warm workers reuse it)."""
+        key = (self.geometry, iterations, seed, tol)
+        if key not in _NORMS:
+            _NORMS[key] = super().norm(iterations, seed, tol)
+        return _NORMS[key]
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
