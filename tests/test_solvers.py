@@ -107,6 +107,40 @@ def test_tv_needs_a_linear_operator(image32):
         run_solver("tv", nonlinear, steps=1, device="cpu")
 
 
+# methods that define their own architecture and input (Heckel & Hand; DIP-ADMM thesis Sec. 3.3)
+OWN_ARCHITECTURE = {"deep-decoder", "dip-admm"}
+
+
+@pytest.mark.parametrize("task", ["denoise", "mri"])
+def test_network_solvers_share_one_default_network_and_input_channels(image32, task):
+    """Fair comparison (CT chapter Sec. 6): one network, input channel count and Adam lr by default."""
+    problem = simulate(task, image32, {"sigma": 25} if task == "denoise" else {}, seed=0)
+    shared = sorted(set(NETWORK_SOLVERS) - OWN_ARCHITECTURE)
+    seen = set()
+    for name in shared:
+        cls = get_solver(name)
+        params = make_params(cls.Params, {})
+        solver = cls(problem, params, seed=0, device=torch.device("cpu"))
+        first_conv = next(m for m in solver.net.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.add((params.network, params.lr, solver.z.shape[1], first_conv.in_channels))
+    assert seen == {("unet", 1e-4, problem.channels, problem.channels)}, seen
+    admm = make_params(get_solver("dip-admm").Params, {})
+    assert (admm.network, admm.input_distribution, admm.input_noise_scale) == ("dip-admm", "gaussian", 1.0)
+
+
+def test_noise_input_is_gaussian_with_the_images_channels(denoise):
+    """Vanilla DIP's z = 0.1 N(0, I) of the image's shape (the CT chapter's code, run_dip.py)."""
+    rec = Recorder("dip", denoise, small_params("dip"), steps=1)
+    z = rec.solver.z
+    assert z.shape == denoise.image_shape
+    assert float(z.min()) < 0 and 0.05 < float(z.std()) < 0.15
+    uniform = Recorder("dip", denoise, small_params("dip", input_distribution="uniform", input_channels=32),
+                       steps=1).solver.z
+    assert uniform.shape[1] == 32 and float(uniform.min()) >= 0 and float(uniform.max()) <= 0.1
+    with pytest.raises(ValueError, match="input_distribution must be one of gaussian, uniform"):
+        run("dip", denoise, steps=1, params={"input_distribution": "laplace"})
+
+
 def test_aliases_map_to_fields():
     p = make_params(get_solver("aseqdip").Params, {"lambda": 0.5, "N": 4})
     assert (p.lam, p.inner_steps) == (0.5, 4)
