@@ -130,8 +130,8 @@ def test_unknown_preset_and_override():
         build_network("tiny", 1, 1, widht=3)
     with pytest.raises(ValueError, match="upsampling='cubic'.*nearest, bilinear"):
         build_network("tiny", 1, 1, upsampling="cubic")
-    with pytest.raises(ValueError, match="skip_channels has 3 entries; expected one per up step"):
-        build_network("unet-small", 1, 1, skip_channels=(4, 4, 4))
+    with pytest.raises(ValueError, match="skip_channels has 4 entries; expected one per up step"):
+        build_network("unet-small", 1, 1, skip_channels=(4, 4, 4, 4))
     with pytest.raises(ValueError, match="out_channels must be a positive integer"):
         build_network("tiny", 1, 0)
 
@@ -170,3 +170,21 @@ def test_deep_decoder_is_pointwise_and_bilinear():
     assert len(ups) == 2 and all(m.mode == "bilinear" for m in ups)
     with pytest.raises(ValueError, match="input_shape"):
         net(torch.rand(1, 16, 4, 4), output_size=(64, 64))
+
+
+def test_dip_admm_preset_follows_the_thesis():
+    """Thesis Sec. 3.3: n_u = n_d = [16, 32, 64, 128, 128], n_s = 0 (no skips), k_d = k_u = 3."""
+    net = build_network("dip-admm", 3, 3)
+    assert isinstance(net, SkipNet) and len(net.levels) == 5
+    assert all(level.skip is None for level in net.levels)
+    downs = [next(m for m in level.down.modules() if isinstance(m, torch.nn.Conv2d)) for level in net.levels]
+    assert [c.out_channels for c in downs] == [16, 32, 64, 128, 128]
+    assert all(c.kernel_size == (3, 3) for c in downs)
+    assert net(torch.rand(1, 3, 40, 40)).shape == (1, 3, 40, 40)
+
+
+def test_unet_small_keeps_the_chapters_structure():
+    """The CPU-sized U-Net keeps the chapter's layout (Sec. 6.2): skips only at the two lowest levels."""
+    net = build_network("unet-small", 1, 1)
+    skips = [block.skip is not None for block in net.up]  # coarsest up step first
+    assert skips == [True, True, False]

@@ -107,6 +107,40 @@ def test_tv_needs_a_linear_operator(image32):
         run_solver("tv", nonlinear, steps=1, device="cpu")
 
 
+# methods that define their own architecture and input (Heckel & Hand; DIP-ADMM thesis Sec. 3.3)
+OWN_ARCHITECTURE = {"deep-decoder", "dip-admm"}
+
+
+@pytest.mark.parametrize("task", ["denoise", "mri"])
+def test_network_solvers_share_one_default_network_and_input_channels(image32, task):
+    """Fair comparison (CT chapter Sec. 6): one network, input channel count and Adam lr by default."""
+    problem = simulate(task, image32, {"sigma": 25} if task == "denoise" else {}, seed=0)
+    shared = sorted(set(NETWORK_SOLVERS) - OWN_ARCHITECTURE)
+    seen = set()
+    for name in shared:
+        cls = get_solver(name)
+        params = make_params(cls.Params, {})
+        solver = cls(problem, params, seed=0, device=torch.device("cpu"))
+        first_conv = next(m for m in solver.net.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.add((params.network, params.lr, solver.z.shape[1], first_conv.in_channels))
+    assert seen == {("unet", 1e-4, problem.channels, problem.channels)}, seen
+    admm = make_params(get_solver("dip-admm").Params, {})
+    assert (admm.network, admm.input_distribution, admm.input_noise_scale) == ("dip-admm", "gaussian", 1.0)
+
+
+def test_noise_input_is_gaussian_with_the_images_channels(denoise):
+    """Vanilla DIP's z = 0.1 N(0, I) of the image's shape (the CT chapter's code, run_dip.py)."""
+    rec = Recorder("dip", denoise, small_params("dip"), steps=1)
+    z = rec.solver.z
+    assert z.shape == denoise.image_shape
+    assert float(z.min()) < 0 and 0.05 < float(z.std()) < 0.15
+    uniform = Recorder("dip", denoise, small_params("dip", input_distribution="uniform", input_channels=32),
+                       steps=1).solver.z
+    assert uniform.shape[1] == 32 and float(uniform.min()) >= 0 and float(uniform.max()) <= 0.1
+    with pytest.raises(ValueError, match="input_distribution must be one of gaussian, uniform"):
+        run("dip", denoise, steps=1, params={"input_distribution": "laplace"})
+
+
 def test_aliases_map_to_fields():
     p = make_params(get_solver("aseqdip").Params, {"lambda": 0.5, "N": 4})
     assert (p.lam, p.inner_steps) == (0.5, 4)
@@ -340,14 +374,44 @@ def test_dip_jitter_perturbs_the_input_reproducibly(denoise):
     assert not torch.equal(plain.image, a.image)
 
 
-def test_dip_output_ema(denoise):
+def test_dip_output_ema_is_returned_and_scored(denoise):
     decay = 0.9
     rec = Recorder("dip", denoise, small_params("dip", ema_decay=decay), steps=6)
-    ema = rec.images[0]
+    res = rec.result
+    ema, scores = rec.images[0], []
     for x in rec.images[1:]:
         ema = decay * ema + (1 - decay) * x
-    torch.testing.assert_close(rec.result.ema_image, ema)
-    assert Recorder("dip", denoise, small_params("dip"), steps=2).result.ema_image is None
+    torch.testing.assert_close(res.ema_image, ema)
+    assert torch.equal(res.image, res.ema_image)  # the method's result is the EMA, not the last iterate
+    # the EMA is scored every step through the task's score, and its final score is the summary's
+    ema = rec.images[0]
+    for k, x in enumerate(rec.images):
+        ema = ema if k == 0 else decay * ema + (1 - decay) * x
+        scores.append(float(denoise.score(ema, with_ssim=False)["psnr"]))
+    np.testing.assert_allclose(res.history["ema_psnr"], scores, rtol=1e-6)
+    assert res.final_psnr == pytest.approx(float(denoise.score(res.ema_image)["psnr"]), abs=1e-5)
+    assert res.ema_psnr == res.final_psnr and res.summary()["ema_psnr"] == res.ema_psnr
+    assert res.history["ema_psnr"][-1] != res.history["psnr"][-1]
+    assert np.isfinite(res.summary()["ema_ssim"])
+    off = Recorder("dip", denoise, small_params("dip"), steps=2).result
+    assert off.ema_image is None and "ema_psnr" not in off.history and np.isnan(off.summary()["ema_psnr"])
+
+
+def test_ema_samples_ssim_every_ssim_every_steps(denoise):
+    res = run("dip", denoise, steps=9, params={"ema_decay": 0.5}, ssim_every=4)
+    assert np.isfinite(res.history["ema_psnr"]).all()
+    assert np.flatnonzero(np.isfinite(res.history["ema_ssim"])).tolist() == [0, 4, 8]
+
+
+def test_dip_admm_ema_changes_its_result(denoise):
+    """The thesis' r = 0.9 r + 0.1 x (Sec. 4.2) is what dip-admm returns; 0 returns G(theta)."""
+    smooth = run("dip-admm", denoise, steps=12)
+    plain = run("dip-admm", denoise, steps=12, params={"ema_decay": 0.0})
+    np.testing.assert_array_equal(smooth.history["psnr"], plain.history["psnr"])  # same iterates
+    assert not torch.equal(smooth.image, plain.image)
+    assert smooth.final_psnr != plain.final_psnr
+    assert plain.ema_image is None and np.isnan(plain.ema_psnr)
+    assert smooth.final_psnr == pytest.approx(smooth.history["ema_psnr"][-1], abs=1e-4)
 
 
 def test_self_guided_returns_its_average_and_learns_z(denoise):

@@ -46,6 +46,13 @@ PRESETS: dict[str, Preset] = {
     # details, so its solvers use this network too.
     "unet": Preset(UNet, dict(scales=6, channels=128, skip_channels=(0, 0, 0, 4, 4)),
                    "U-Net of the CT chapter Sec. 6.2 (6 scales, 128 ch, skips at 2 lowest levels)"),
+    # Hybrid DIP-ADMM thesis Sec. 3.3: "the similar encoder-decoder architecture to deep image
+    # prior ... n_u = n_d = [16, 32, 64, 128, 128], n_s = [0, 0, 0, 0, 0], k_d = k_u = 3": Ulyanov
+    # et al.'s network with five scales and no skip branches (other settings as Ulyanov et al.'s).
+    "dip-admm": Preset(SkipNet, dict(scales=5, channels_down=[16, 32, 64, 128, 128],
+                                     channels_up=[16, 32, 64, 128, 128], channels_skip=0,
+                                     kernel_down=3, kernel_up=3),
+                       "DIP-ADMM thesis Sec. 3.3 encoder-decoder (5 scales, 16-128 ch, no skips)"),
     # Heckel & Hand 2019 / tutorial Sec. III-C1: six layers of 128 channels (100,224 parameters
     # for RGB output), bilinear upsampling.
     "deep-decoder": Preset(DeepDecoder, dict(layers=6, channels=128),
@@ -53,8 +60,10 @@ PRESETS: dict[str, Preset] = {
     # Small networks for CPU runs, tests and the demo (not from a paper).
     "skip-small": Preset(SkipNet, dict(scales=3, channels_down=16, channels_up=16, channels_skip=4),
                          "small skip network for CPU (3 scales, 16 ch, skip 4)"),
-    "unet-small": Preset(UNet, dict(scales=3, channels=16, skip_channels=4),
-                         "small U-Net for CPU (3 scales, 16 ch, skip 4)"),
+    # The chapter's U-Net (Sec. 6.2) at CPU scale: 4 scales of 32 channels, skips (4 channels) at
+    # the two lowest resolution levels as in the chapter; for 32-64 px images (the demo, tuning).
+    "unet-small": Preset(UNet, dict(scales=4, channels=32, skip_channels=(0, 4, 4)),
+                         "the chapter's U-Net at CPU scale (4 scales, 32 ch, skips at 2 lowest levels)"),
     "deep-decoder-small": Preset(DeepDecoder, dict(layers=4, channels=32),
                                  "small Deep Decoder for CPU (4 layers, 32 ch)"),
     "tiny": Preset(SkipNet, dict(scales=2, channels_down=8, channels_up=8, channels_skip=4),

@@ -23,11 +23,17 @@ from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
 class ASeqDIPParams(NetworkParams):
     ALIASES: ClassVar[dict] = {"lambda": "lam", "N": "inner_steps"}
 
-    lam: float = 1.0          # lambda = 1: aSeqDIP paper Sec. 4 "Setup", ablation App. C.4
+    # lambda = 1: paper Sec. 4.1 "Setup" (ablation App. C.4), for ||A f - y||^2 + lambda ||f - z||^2
+    # (eq. 3); halving both terms keeps the ratio, so 1 is our 1/2-scaled lambda too. The public
+    # denoising script weighs two per-pixel MSEs 1:1, the same ratio where y is an image; its CT and
+    # MRI scripts use unsquared norms, N = 10 and lr 2e-4 / 1e-4: they depart from the paper, which we follow.
+    lam: float = 1.0
     inner_steps: int = 2      # N = 2 (K = steps / N = 2000 at 4000 steps): App. C.5
-    lr: float = 1e-4          # Adam, beta = 1e-4: aSeqDIP paper Sec. 4 "Setup"
-    network: str = "unet"     # the U-Net of the paper (Sec. 3.2)
-    input: str = "auto"       # z0 = y for restoration, A^H y for MRI (Sec. 3.2), FBP for CT (see initial_input)
+    lr: float = 1e-4          # Adam, beta = 1e-4: paper Sec. 4.1 "Setup" (also the chapter's code)
+    # network: the shared default, the CT chapter's U-Net (Sec. 6.2), so aSeqDIP compares with the
+    # other methods on one network. The paper says only "U-Net [19]"; its public code uses a
+    # Pytorch-UNet (64-1024 channels) with N(0, 0.02) weight initialisation.
+    input: str = "auto"       # z0: Problem.initial_image('auto'), y for restoration, A^H y for MRI and CT (Sec. 3.2)
 
 
 @register
@@ -37,12 +43,7 @@ class ASeqDIP(NetworkSolver):
     terms = ("data", "autoencoding")
 
     def initial_input(self) -> torch.Tensor:
-        kind = self.params.input
-        if kind == "auto":  # CT: FBP, the adjoint on the image's scale (our A^T is unnormalised)
-            kind = {"mri": "adjoint", "ct": "fbp"}.get(self.problem.task, "measurements")
-        if kind == "noise":
-            raise ValueError("aseqdip: input must be image-shaped ('auto', 'adjoint', 'fbp' or 'measurements')")
-        return self.problem.initial_image(kind).to(self.device).float()
+        return self.image_input()  # z_0: never a noise input (Sec. 3.2)
 
     def step(self, k: int) -> StepOutput:
         p = self.params

@@ -45,22 +45,51 @@ class SolverParams:
 
 @dataclass
 class NetworkParams(SolverParams):
-    """Options shared by every network solver.
+    """Options shared by every network solver; the defaults are the CT chapter's comparison setup.
 
-    network: preset of `recon.nets` (the DIP skip network of Ulyanov et al. 2018 by default).
-    input: 'noise' (Ulyanov et al.: 32 channels of U(0, 1/10)), 'adjoint' (A^H y), 'fbp' (CT)
-    or 'measurements' (y, for restoration).
+    Every network solver defaults to one network, input and step size so that methods compare
+    fairly (the chapter, Sec. 6: "all methods use the same random seed, yielding identical initial
+    network parameters and random inputs"); only methods that define their own architecture
+    (Deep Decoder, DIP-ADMM) override them.
+
+    network: preset of `recon.nets`; 'unet' is the chapter's U-Net (Sec. 6.2).
+    input: 'noise' (a fixed random input, vanilla DIP), or an image: 'auto' (the task's default,
+        `Problem.initial_image('auto')`), 'adjoint' (A^H y), 'fbp' (CT) or 'measurements' (y).
+    input_channels: channels of a noise input; 0 = the image's own channel count, as the chapter's
+        code draws z with the image's shape (run_dip.py, model_inp='random'; 1 for its CT slices).
+    input_distribution / input_noise_scale: z = 0.1 * N(0, I) ('gaussian'): the chapter's code
+        (run_dip.py: z = 0.1 * torch.randn(x.shape)), the z ~ N(0, sigma^2 I) of its Sec. 3.1.
+        ('uniform' gives U(0, scale), Ulyanov et al.'s U(0, 1/10) with 32 channels.)
+    lr: Adam lr 1e-4: the chapter's code for every method (run_dip.py, --lr default; the text gives
+        no step size). Adam's step does not depend on the loss's scale, so it carries over to our
+        1/2 sum-of-squares data term with a unit-norm operator unchanged. (That code also clips the
+        gradient norm to 1; we do not: with its data term divided by ||A||^4 the clip rarely acts.)
     jitter: std of Gaussian input perturbation per step (Ulyanov et al. use 1/30 for some tasks; off here).
     init_weights: warm start from a state_dict file (`torch.load(weights_only=True)`).
     """
 
-    network: str = "skip"
-    lr: float = 1e-2  # Ulyanov et al. 2018 (Adam, lr 0.01)
+    network: str = "unet"
+    lr: float = 1e-4
     input: str = "noise"
-    input_channels: int = 32
+    input_channels: int = 0
+    input_distribution: str = "gaussian"
     input_noise_scale: float = 0.1
     jitter: float = 0.0
     init_weights: str | None = None
+
+
+INPUT_DISTRIBUTIONS = ("gaussian", "uniform")
+
+
+def noise_input(shape: tuple[int, ...], distribution: str, scale: float, generator: torch.Generator,
+                device: torch.device, solver: str) -> torch.Tensor:
+    """A fixed random network input: scale * N(0, I) or scale * U(0, 1)."""
+    if distribution == "gaussian":
+        return scale * torch.randn(shape, generator=generator, device=device)
+    if distribution == "uniform":
+        return scale * torch.rand(shape, generator=generator, device=device)
+    raise ValueError(f"{solver}: input_distribution must be one of {', '.join(INPUT_DISTRIBUTIONS)}, "
+                     f"got {distribution!r}")
 
 
 def make_params(cls: type, values: dict[str, Any] | None, where: str = "params") -> Any:
@@ -171,10 +200,21 @@ class NetworkSolver(Solver):
     def initial_input(self) -> torch.Tensor:
         p = self.params
         if p.input == "noise":
-            shape = (1, p.input_channels, *self.problem.image_shape[2:])
-            z = torch.rand(shape, generator=self.generator, device=self.device)
-            return z * p.input_noise_scale
-        return self.problem.initial_image(p.input).to(self.device).float()
+            if p.input_channels < 0:
+                raise ValueError(f"{self.name}: input_channels must be >= 0 (0: the image's), got {p.input_channels}")
+            channels = p.input_channels or self.problem.channels
+            shape = (1, channels, *self.problem.image_shape[2:])
+            return noise_input(shape, p.input_distribution, p.input_noise_scale, self.generator, self.device,
+                               self.name)
+        return self.image_input()
+
+    def image_input(self) -> torch.Tensor:
+        """The image-shaped input `params.input` names; 'auto' is the task's default (Problem)."""
+        kind = self.params.input
+        if kind == "noise":
+            raise ValueError(f"{self.name}: input must be image-shaped ('auto', 'adjoint', 'fbp' or "
+                             f"'measurements'), got 'noise'")
+        return self.problem.initial_image(kind).to(self.device).float()
 
     def load_weights(self, path: str | Path) -> None:
         path = Path(path)

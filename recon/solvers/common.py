@@ -1,4 +1,4 @@
-"""Small pieces several solver modules share: image-shaped inputs, TV, schedules, denoisers."""
+"""Small pieces several solver modules share: TV, schedules, denoisers, checks."""
 from __future__ import annotations
 
 import math
@@ -9,18 +9,6 @@ import torch
 from recon.problem import Problem
 
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
-
-
-def image_input(problem: Problem, kind: str, solver: str) -> torch.Tensor:
-    """An image-shaped network input: 'auto' is A^H y for MRI and y for restoration (aSeqDIP
-    paper Sec. 3.2; Liang et al. 2025 for Self-Guided DIP) and FBP for CT: the papers' A^T y
-    assumes a ray transform normalised to the image scale, ours is not (A^T y is ~views x N
-    larger), and a network input / autoencoding target must be on the image's scale."""
-    if kind == "auto":
-        kind = {"mri": "adjoint", "ct": "fbp"}.get(problem.task, "measurements")
-    if kind == "noise":
-        raise ValueError(f"{solver}: input must be image-shaped ('auto', 'adjoint', 'fbp' or 'measurements')")
-    return problem.initial_image(kind).float()
 
 
 def geometric(start: float, end: float, index: int, count: int) -> float:

@@ -9,7 +9,8 @@ from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
 
 @dataclass
 class DIPParams(NetworkParams):
-    """Defaults of NetworkParams: skip network, Adam lr 0.01, 32-channel U(0, 0.1) input (Ulyanov et al.)."""
+    """Defaults of NetworkParams: the CT chapter's U-Net (Sec. 6.2), Adam lr 1e-4 and a fixed input
+    z = 0.1 N(0, I) with the image's channels (the chapter's code, run_dip.py; see base.py)."""
 
 
 @register

@@ -21,8 +21,16 @@ from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, check_positive, ma
 
 @dataclass
 class DIPADMMParams(NetworkParams):
+    # The method defines its own network and input (thesis Sec. 3.3 and Sec. 3.1): the encoder-
+    # decoder 'dip-admm' preset, and z "randomly initialized with standard Gaussian distribution"
+    # with the image's size (z in R^n: the image's channels).
+    network: str = "dip-admm"
+    input_distribution: str = "gaussian"
+    input_noise_scale: float = 1.0
     lr: float = 1e-3          # Adam step "with learning rate 0.001": thesis Sec. 3.3
-    rho: float = 1.0          # "For the penalty coefficient rho, we set it to 1": thesis Sec. 3.3
+    # "For the penalty coefficient rho, we set it to 1": thesis Sec. 3.3, with the 1/2-scaled data
+    # term of eq. 31 and a unit-norm A (a pixel selection): our scaling exactly
+    rho: float = 1.0
     denoiser: str = "tv"      # thesis Sec. 4.1 compares with TV; tv | nlm | bm3d (Sec. 3.3)
     strength: float | None = None  # None: the thesis' tuned strength per denoiser (Sec. 3.3, common.py)
     ema_decay: float = 0.9    # r_{t+1} = 0.9 r_t + 0.1 x_t smoothing of the shown result: thesis Sec. 4.2

@@ -15,9 +15,11 @@ from recon.solvers.splitting import ADMMParams, ADMMSolver, HQSParams, HQSSolver
 @dataclass
 class DIPDenoiserHQSParams(HQSParams):
     denoiser: str = "nlm"
-    # u = D_{sigma_k}(f(z)) with sigma_k = sqrt(alpha_k) falling geometrically from 0.1 to 0.01
-    # (sigma 0.01: the NLM setting tuned in the DIP-ADMM thesis Sec. 3.3), and mu_k = lambda /
-    # alpha_k ending at 1 (rho = 1 of the thesis). The chapter gives no numbers for this scheme.
+    # Project choice (not tuned; the chapter's text gives no numbers for this scheme, and its code's
+    # DRUNet schedule with lambda = 60 on a per-pixel mean against a data term divided by ||A||^4
+    # does not carry over): u = D_{sigma_k}(f(z)) with sigma_k = sqrt(alpha_k) falling
+    # geometrically from 0.1 to 0.01 (0.01: the NLM sigma tuned in the DIP-ADMM thesis Sec. 3.3),
+    # and mu_k = lambda / alpha_k ending at 1 (rho = 1 of the thesis, Sec. 3.3).
     alpha_start: float = 1e-2
     alpha_end: float = 1e-4
     lam: float = 1e-4

@@ -146,6 +146,9 @@ class Loop:
         every = self.s.ssim_every
         with_ssim = every > 0 and (k % every == 0 or k == self.s.steps - 1)
         out: dict[str, torch.Tensor] = dict(self.problem.score(image, with_ssim=with_ssim))
+        if self.ema is not None:  # the output EMA is scored like the iterate: ema_psnr, ema_ssim
+            scores = self.problem.score(self.ema, with_ssim=with_ssim)
+            out.update({f"ema_{name}": scores[name] for name in ("psnr", "ssim") if name in scores})
         if self.variance is not None:
             var = self.variance.update(self.problem.display(image))
             if var is not None:
@@ -153,6 +156,8 @@ class Loop:
         return out
 
     def _ema(self, image: torch.Tensor) -> None:
+        """r_k = decay r_{k-1} + (1 - decay) x_k with r_0 = x_0 (DIP-ADMM thesis Sec. 4.2; the CT
+        chapter's exponential averaging of the output, Sec. 6.3)."""
         decay = self.solver.params.ema_decay
         if decay > 0:
             self.ema = image.clone() if self.ema is None else decay * self.ema + (1 - decay) * image
@@ -168,8 +173,8 @@ class Loop:
                 self._stop_at(k, self.elapsed + time.perf_counter() - t0)
             out = self.solver.step(k)
             self.solver.last_image = out.image
-            tensors = {**out.terms, **self._metrics(k, out.image)}
             self._ema(out.image)
+            tensors = {**out.terms, **self._metrics(k, out.image)}
             names = list(tensors)
             values = dict(zip(names, torch.stack([t.detach().double().reshape(()) for t in tensors.values()]).tolist()))
             self.history.record(k, values)
@@ -202,6 +207,8 @@ class Loop:
             image = self.es_image  # ES-DIP returns the selected iterate (Alg. 2), also at the budget
         elif diverged or steps_run == 0:
             image = solver.last_image if solver.last_image is not None else solver.problem.adjoint_image()
+        elif self.ema is not None:
+            image = self.ema  # a method with an output EMA returns the average (ema_decay > 0)
         else:
             image = solver.final_image()
         cpu = lambda t: None if t is None else t.detach().float().cpu()  # noqa: E731
@@ -211,16 +218,22 @@ class Loop:
         if self.peak_step >= 0:
             res.peak_psnr, res.peak_step = float(self.peak_psnr), self.peak_step
         if self.reference is not None and not diverged:
-            res.final_psnr, res.final_ssim = self._quality(image)
+            final = self._quality(image)
+            res.final_psnr, res.final_ssim = final["psnr"], final["ssim"]
+            res.final_psnr_full = final.get("psnr_full", math.nan)
+            res.final_ssim_full = final.get("ssim_full", math.nan)
+            if self.ema is not None:
+                ema = self._quality(self.ema)
+                res.ema_psnr, res.ema_ssim = ema["psnr"], ema["ssim"]
         if self.stopper.best_step is not None:
             res.es_step = int(self.stopper.best_step)
             if self.reference is not None and self.es_image is not None:
-                res.es_psnr, res.es_ssim = self._quality(self.es_image)
+                es = self._quality(self.es_image)
+                res.es_psnr, res.es_ssim = es["psnr"], es["ssim"]
         return res
 
-    def _quality(self, image: torch.Tensor) -> tuple[float, float]:
-        scores = self.problem.score(image.to(self.solver.device))
-        return float(scores["psnr"]), float(scores["ssim"])
+    def _quality(self, image: torch.Tensor) -> dict[str, float]:
+        return {name: float(v) for name, v in self.problem.score(image.to(self.solver.device)).items()}
 
     def _stop_at(self, k: int, elapsed: float) -> None:
         """Stop before step k, leaving a checkpoint (where there is a path for one) to continue from."""

@@ -15,21 +15,26 @@ import torch
 
 from recon.solvers import register
 from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
-from recon.solvers.common import check_nonnegative, check_positive, image_input
+from recon.solvers.common import check_nonnegative, check_positive
 
 
 @dataclass
 class SelfGuidedParams(NetworkParams):
-    network: str = "unet"     # a U-Net, as Liang et al. and the CT chapter's experiments (Sec. 6.2)
-    input: str = "auto"       # z initialised from A^H y (MRI/CT) or y (restoration), then learnt
-    # lambda = 1: the objective of Liang et al.'s public notebook weighs both terms equally
-    # (the chapter's Alg. 7 leaves lambda > 0 open).
+    # network and lr (1e-4 for theta): the shared defaults of NetworkParams (the CT chapter, Sec. 6.2)
+    input: str = "auto"       # z initialised from Problem.initial_image('auto') (A^H y / y), then learnt
+    # lambda: the chapter's Alg. 7 and the aSeqDIP paper's eq. (2) leave it open (lambda > 0). The
+    # chapter's code (selfg_dip.py) weighs 0.01 N_eta sum_i ||f(z + eta_i) - z||^2 against a data
+    # term divided by ||A||^4 of its walnut operator (norm not reported): that value does not carry
+    # over. TUNED: 1.0, chosen on tuning images (docs/tuning.md, manifests/tuning/self-guided.yaml).
     lam: float = 1.0
-    n_eta: int = 4            # N_eta = 4 noise draws per step: the CT chapter's public code (selfg_dip.py)
-    noise_fraction: float = 0.5   # eta ~ U(0, m), m = max|z| / 2: CT chapter Sec. 4.4 (Liang et al.)
-    gamma: float = 0.99       # EMA weight gamma of eq. (35) / alpha of Alg. 7: chapter's public code (0.99)
-    lr: float = 1e-4          # Adam lr 1e-4 for theta: the CT chapter's public code (run_dip.py)
-    lr_z: float = 1e-4        # the same lr for z: the chapter's public code (selfg_dip.py, lr_z = lr)
+    n_eta: int = 4            # N_eta = 4 noise draws per step: the chapter's code (overeng_rundip.py, selfg_dip.py)
+    # eta ~ U(0, m), m = max|z| / 2: the chapter's text, Sec. 4.4 (after Liang et al.); its code
+    # uses m = 0.01 max z (run_dip.py --relative_noise): text and code disagree, we follow the text
+    noise_fraction: float = 0.5
+    gamma: float = 0.99       # EMA weight gamma of eq. (35) / alpha of Alg. 7: the chapter's code (0.99)
+    # Adam lr for z: 1e-2 in the chapter's driver of its Table 2 (overeng_rundip.py --lr_z; selfg_dip.py
+    # falls back to 1e-1). Adam's step does not depend on the loss scale, so it carries over.
+    lr_z: float = 1e-2
 
     ALIASES = {"lambda": "lam", "alpha": "gamma", "N_eta": "n_eta"}
 
@@ -56,7 +61,7 @@ class SelfGuidedDIP(NetworkSolver):
         self.average = torch.zeros(problem.image_shape, device=device)  # x^(0) = 0 (Alg. 7 line 1)
 
     def initial_input(self) -> torch.Tensor:
-        z = image_input(self.problem, self.params.input, self.name).to(self.device)
+        z = self.image_input()
         return torch.nn.Parameter(z.clone())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

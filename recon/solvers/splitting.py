@@ -21,7 +21,7 @@ from recon.solvers.common import DENOISERS, blocks, check_nonnegative, check_pos
 
 @dataclass
 class BlockParams(NetworkParams):
-    inner_steps: int = 10   # N_sub = 10: the CT chapter's public code (admm_denoiser.py, redapg.py)
+    inner_steps: int = 10   # N_sub = 10: the CT chapter's code (overeng_rundip.py --num_inner_steps)
     denoiser: str = "nlm"   # tv | nlm | bm3d (the chapter's DRUNet needs trained weights: not used)
 
 
@@ -74,10 +74,14 @@ class BlockSolver(NetworkSolver):
 @dataclass
 class HQSParams(BlockParams):
     # The chapter prescribes an increasing mu_k = lambda / alpha_k (Alg. 4 line 3, Sec. 4.2) but
-    # gives no numbers. Its public code (run_dip.py, tv_hqs) uses N_sub = 20 and alpha_k geometric
-    # from 0.5 down to 0.01; we keep those. lambda = 0.01 makes the last mu_k = 1, the ADMM penalty
-    # rho = 1 of the DIP-ADMM thesis (Sec. 3.3) at its TV weight 0.01.
-    inner_steps: int = 20
+    # gives no numbers. From its code (overeng_rundip.py, tv_hqs): N_sub = 10 (the BlockParams
+    # default) and alpha_k geometric from 0.5 down to 0.01; alpha_k is the weight of a prox on the
+    # image's scale (argmin_u 1/2||u - x||^2 + alpha TV(u)), so it carries over unchanged. Its
+    # lambda = 0.5 does not: it weighs a per-pixel mean ||x - u||^2 / n against a data term divided
+    # by ||A||^4 (power iteration gives ||A||^2, squared again), i.e. our lambda would be
+    # 0.5 ||A_walnut||^2 / 501^2 with a norm the code does not report.
+    # TUNED: lambda = 0.01 (the last mu_k = 1, the DIP-ADMM thesis' rho = 1, Sec. 3.3), kept after
+    # a sweep on tuning images (docs/tuning.md, manifests/tuning/tv-dip-hqs.yaml).
     alpha_start: float = 0.5
     alpha_end: float = 0.01
     lam: float = 0.01
@@ -111,8 +115,10 @@ class HQSSolver(BlockSolver):
 # ---- ADMM with a denoiser (Alg. 6) --------------------------------------------------------------
 @dataclass
 class ADMMParams(BlockParams):
-    # beta = 1: the ADMM penalty rho = 1 of the DIP-ADMM thesis (Sec. 3.3), whose data term is
-    # 1/2-scaled like ours; the CT chapter gives no value.
+    # beta = 1: the ADMM penalty rho = 1 of the DIP-ADMM thesis (Sec. 3.3) for the same coupling
+    # rho/2 ||x - G + u||^2 with a 1/2-scaled data term and a unit-norm A: our scaling. The CT
+    # chapter's text gives no value; its code's admm_weight 10 / n (a data term divided by ||A||^4
+    # of its walnut operator) does not carry over.
     beta: float = 1.0
     # None: the strength tuned per denoiser in the DIP-ADMM thesis Sec. 3.3 (common.DEFAULT_STRENGTH)
     strength: float | None = None

@@ -12,9 +12,12 @@ from recon.solvers.splitting import HQSParams, HQSSolver
 
 @dataclass
 class TVDIPParams(NetworkParams):
-    # alpha = 0.01: the DIP+TV loss 1/2||b - A G||^2 + 0.01 TV(G) of the DIP-ADMM thesis (eq. 36,
-    # Sec. 4.1), the same 1/2-scaled sum-of-squares data term as ours. (The aSeqDIP paper App. C.6
-    # sets "1" in a normalisation it does not state; the CT chapter tunes it per scan.)
+    # alpha = 0.01: the DIP+TV loss 1/2||b - A G||^2 + 0.01 ||G||_TV of the DIP-ADMM thesis (eq. 36,
+    # Sec. 4.1): our scaling exactly (1/2 sum of squares, images in [0, 1], A a unit-norm pixel
+    # selection). Not carried over: the aSeqDIP paper's "1" (App. C.6; its loss scaling is not
+    # stated, and 1 over-smooths here: 16.9 dB on sigma-25 denoising, below the noisy input) and the
+    # chapter code's 1e-5 (anisotropic TV against a data term divided by ||A||^4 of its walnut
+    # operator, whose norm it does not report); the chapter tunes it per scan (Sec. 6).
     alpha: float = 0.01
     # TV is not differentiable where Dx = 0; sqrt(|Dx|^2 + eps^2) - eps keeps the gradient finite
     # and changes TV by at most eps per pixel (not in the papers, which rely on autograd's subgradient).
