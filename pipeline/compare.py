@@ -17,7 +17,7 @@ as the table's mean ± std (done and diverged):
   fewer than two scans. (The table's ± std is numpy's population std over all jobs, ddof = 0.)
 
 Paired comparison (`paired_comparison`; written as the group `aggregate/paired`, dims
-(pair, metric)): within each task, every pair (a, b) of solver configurations, a listed before b
+(pair, metric), pair labelled 'task: b vs a'): within each task, every pair (a, b) of solver configurations, a listed before b
 in the manifest, difference b − a. Only jobs with status done enter; jobs are matched on
 (scan_id, seed); a (scan, seed) missing or non-finite on either side is dropped, and `n_pairs`
 says how many entered, per metric. Interval: the paired t-interval, mean ± t_{(1+c)/2, n−1} ·
