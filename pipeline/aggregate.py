@@ -6,7 +6,9 @@
       compact/metrics           (job, metric, step) float32, chunks (256 jobs, 1 metric, B steps)
       compact/summary           (job, field) float64, chunks (256, F)
       compact/ledger/<name>     status attempts runtime_s device error log_path, chunks (256,)
-      stats/                    an xarray Dataset over (group, step): see `build_stats`
+      stats/                    an xarray Dataset over (group, step): see `build_stats`; with the
+                                seed and scan spreads of pipeline.compare (<field>_seed_std, ...)
+      paired/                   paired comparisons of solver configs over (pair, metric): pipeline.compare
 
 Compaction: workers write one chunk file per job and array (no locks, DESIGN.md), which makes a
 10,000-job store hold ~100,000 small files; reading them back costs ~0.5 ms each in zarr. The
@@ -150,6 +152,7 @@ def aggregate(store_path: str | Path, *, workers: int | None = None, scheduler: 
     ds = build_stats(groups, status, per_step, per_job, root.attrs, onset_drop_db, fingerprint(digests))
     compaction = {"mode": "incremental" if reuse else "full", "job_blocks": len(spans), "job_blocks_copied": len(todo)}
     ds.attrs["compaction"] = json.dumps(compaction)
+    ds = write_comparisons(path, ds, coords, status, per_job)
     ds.to_zarr(path, group=STATS, mode="w", consolidated=False)
     end = time.perf_counter()
     seconds = {"compact": times["compact"] - times["start"], "stats": times["stats"] - times["compact"],
@@ -161,6 +164,16 @@ def aggregate(store_path: str | Path, *, workers: int | None = None, scheduler: 
                               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     st.consolidate(path)
     return ds
+
+
+def write_comparisons(path: str, ds, coords: dict[str, np.ndarray], status: np.ndarray, per_job: dict):
+    """Seed and scan spreads into the stats; the paired comparison of solver configs into its own
+    group, aggregate/paired (see pipeline.compare). Returns the stats with the spreads."""
+    from pipeline import compare          # here: compare imports this module's labels
+
+    jobs = compare.summary_dataset(coords, status, per_job)
+    compare.paired_comparison(jobs).to_zarr(path, group=compare.PAIRED, mode="w", consolidated=False)
+    return ds.assign(compare.spread_variables(jobs, ds.task.values, ds.config.values))
 
 
 def _raise_damage(path: str, coords: dict[str, np.ndarray], problems: Sequence[dict[int, list[str]]]) -> None:

@@ -3,7 +3,12 @@
 `report(STORE, DIR)` prints the table on the terminal (rich) and writes into DIR:
     table.csv, table.md         one row per task × solver configuration: peak / early-stopped /
                                 final PSNR and SSIM (mean ± std over the counted jobs), peak and
-                                ES steps, overfitting onset, runtimes (as in the papers' Table 2)
+                                ES steps, overfitting onset, runtimes (as in the papers' Table 2),
+                                the std over seeds and over scans (pipeline.compare); table.md
+                                also holds the paired differences
+    paired.csv                  one row per pair of solver configurations × metric: mean difference
+                                b − a over the same scans and seeds, 95 % t-interval, pairs, and
+                                whether the interval excludes 0 (pipeline.compare)
     curves_<task>.png           PSNR and SSIM against step per solver configuration: mean line,
                                 10-90 % quantile band, onset of overfitting marked
     montage.png                 per chosen scan: ground truth, degraded, each solver's final
@@ -21,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline import compare
 from pipeline.aggregate import aggregate, aggregate_state, live_fingerprint
 from pipeline.store import open_store
 
@@ -30,8 +36,16 @@ MEAN_STD = (("Peak PSNR", "peak_psnr", 2), ("Peak step", "peak_step", 0), ("Peak
             ("ES PSNR", "es_psnr", 2), ("ES SSIM", "es_ssim", 3), ("ES step", "es_step", 0),
             ("Final PSNR", "final_psnr", 2), ("Final SSIM", "final_ssim", 3),
             ("Runtime (s)", "runtime_s", 2), ("Steps/s", "steps_per_s", 1))
-TERMINAL = ("Task", "Solver", "Jobs", "Peak PSNR", "ES PSNR", "Final PSNR", "Peak SSIM", "ES SSIM",
-            "Final SSIM", "Onset step", "Runtime (s)")
+# (header, field, digits): std over seeds / std over scans columns (pipeline.compare)
+SPREAD = (("Final PSNR σ seeds/scans", "final_psnr", 2), ("Final SSIM σ seeds/scans", "final_ssim", 3))
+TERMINAL = ("Task", "Solver", "Jobs", "Peak PSNR", "ES PSNR", "Final PSNR", "Final PSNR σ seeds/scans",
+            "Peak SSIM", "ES SSIM", "Final SSIM", "Onset step", "Runtime (s)")
+# (header, field, digits): metrics of the paired-difference table, where they have pairs
+PAIRED_METRICS = (("Final PSNR", "final_psnr", 2), ("Final SSIM", "final_ssim", 3), ("Peak PSNR", "peak_psnr", 2),
+                  ("ES PSNR", "es_psnr", 2), ("EMA PSNR", "ema_psnr", 2))
+PAIRED_COLUMNS = ("Task", "Comparison", "Metric", "Pairs", "Mean difference", "95 % interval", "Note")
+PAIRED_TITLE = ("paired differences b − a over the same scans and seeds (done jobs): mean and 95 % t-interval; "
+                "not significant: the interval contains 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +77,46 @@ def table_rows(agg) -> list[dict]:
             std = float(a[f"{name}_std"]) if f"{name}_std" in a else math.nan
             row[header] = fmt(mean, std, digits)
             row["raw"][f"{name}_mean"], row["raw"][f"{name}_std"] = mean, std
+        add_spread(row, a)
         rows.append(row)
+    return rows
+
+
+def add_spread(row: dict, a) -> None:
+    """The seed / scan std columns of one group: display cells and every field's raw numbers."""
+    value = lambda name: float(a[name]) if name in a else math.nan  # noqa: E731 - older aggregates lack them
+    for name in ("n_scans", "n_seeds"):
+        row["raw"][name] = int(a[name]) if name in a else 0
+    for field in compare.FIELDS:
+        for kind in ("seed", "scan"):
+            if f"{field}_{kind}_std" in a:
+                row["raw"][f"{field}_{kind}_std"] = value(f"{field}_{kind}_std")
+    for header, field, digits in SPREAD:
+        cells = [value(f"{field}_{kind}_std") for kind in ("seed", "scan")]
+        row[header] = " / ".join(f"{c:.{digits}f}" if math.isfinite(c) else "–" for c in cells)
+
+
+def paired_rows(paired, metrics=PAIRED_METRICS) -> list[dict]:
+    """One dict per pair × metric with at least one pair: display strings and raw numbers (csv)."""
+    rows = []
+    for p in range(paired.sizes["pair"]):
+        pair = paired.isel(pair=p)
+        for header, name, digits in metrics:
+            if name not in paired.metric.values or int(pair.n_pairs.sel(metric=name)) == 0:
+                continue
+            r = pair.sel(metric=name)
+            n, low, high = int(r.n_pairs), float(r.ci_low), float(r.ci_high)
+            raw = {"task": str(r.task.values), "a": str(r.a.values), "b": str(r.b.values),
+                   "config_a": str(r.config_a.values), "config_b": str(r.config_b.values), "metric": name,
+                   "n_pairs": n, **{k: float(r[k]) for k in ("mean_diff", "ci_low", "ci_high", "std_diff", "mean_a",
+                                                             "mean_b")},
+                   "significant": bool(r.significant)}
+            interval = f"[{low:+.{digits}f}, {high:+.{digits}f}]" if math.isfinite(low) else "–"
+            note = ("" if raw["significant"] else "not significant" if math.isfinite(low)
+                    else f"no interval ({n} pair)")
+            rows.append({"Task": raw["task"], "Comparison": f"{raw['b']} − {raw['a']}", "Metric": header,
+                         "Pairs": str(n), "Mean difference": f"{raw['mean_diff']:+.{digits}f}",
+                         "95 % interval": interval, "Note": note, "raw": raw})
     return rows
 
 
@@ -75,14 +128,15 @@ def wide_console():
     return console if console.is_terminal else Console(width=200)
 
 
-def print_table(rows: Sequence[dict], console=None, title: str = "", columns: Sequence[str] = TERMINAL) -> None:
+def print_table(rows: Sequence[dict], console=None, title: str = "", columns: Sequence[str] = TERMINAL,
+                text_columns: Sequence[str] = ("Task", "Solver", "Comparison", "Metric", "Note")) -> None:
     from rich import box
     from rich.table import Table
 
     console = console or wide_console()
     table = Table(title=title or None, header_style="bold", box=box.SIMPLE_HEAD)
     for name in columns:
-        text = name in ("Task", "Solver")
+        text = name in text_columns
         table.add_column(name, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for row in rows:
         table.add_row(*(row[c] for c in columns))
@@ -90,24 +144,37 @@ def print_table(rows: Sequence[dict], console=None, title: str = "", columns: Se
 
 
 def markdown_columns() -> list[str]:
-    return ["Task", "Solver", "Jobs", *(h for h, _, _ in MEAN_STD), "Onset step"]
+    return ["Task", "Solver", "Jobs", *(h for h, _, _ in MEAN_STD), *(h for h, _, _ in SPREAD), "Onset step"]
 
 
-def write_tables(rows: Sequence[dict], out_dir: Path) -> tuple[Path, Path]:
-    """table.csv (numbers: mean and std in separate columns) and table.md (mean ± std)."""
+def write_tables(rows: Sequence[dict], out_dir: Path, pairs: Sequence[dict] = ()) -> tuple[Path, Path]:
+    """table.csv (numbers: mean and std in separate columns), paired.csv, and table.md (mean ± std,
+    then the paired differences under their own heading)."""
     csv_path, md_path = out_dir / "table.csv", out_dir / "table.md"
-    raw = [r["raw"] for r in rows]
-    fields = list(raw[0]) if raw else ["task"]
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(raw)
-    cols = markdown_columns()
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("Task", "Solver") else "---:"
-                                                           for c in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    write_csv(csv_path, [r["raw"] for r in rows])
+    write_csv(out_dir / "paired.csv", [r["raw"] for r in pairs])
+    lines = markdown_table(rows, markdown_columns(), ("Task", "Solver"))
+    lines += ["", "## Paired differences", ""]
+    if pairs:
+        lines += [PAIRED_TITLE[0].upper() + PAIRED_TITLE[1:] + ".", ""]
+        lines += markdown_table(pairs, PAIRED_COLUMNS, ("Task", "Comparison", "Metric", "Note"))
+    else:
+        lines.append("None: no task has two solver configurations with done jobs on the same scans and seeds.")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def write_csv(path: Path, raw: Sequence[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(raw[0]) if raw else ["task"])
+        writer.writeheader()
+        writer.writerows(raw)
+
+
+def markdown_table(rows: Sequence[dict], cols: Sequence[str], text_columns: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in text_columns else "---:"
+                                                           for c in cols) + "|"]
+    return lines + ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +368,14 @@ def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None =
             raise KeyError(f"--scans: no scan {', '.join(map(repr, unknown))} in {store}; "
                            f"known scans include {', '.join(sorted(known)[:8])}")
     rows = table_rows(agg)
-    print_table(rows, console, title=f"cohort {agg.attrs.get('cohort', '')}: mean ± std over done and diverged jobs")
-    csv_path, md_path = write_tables(rows, out_dir)
+    print_table(rows, console, title=f"cohort {agg.attrs.get('cohort', '')}: mean ± std over done and diverged jobs; "
+                                     "σ seeds/scans: std over seeds within a scan / over scans")
+    paired = compare.open_paired(store)
+    pairs = paired_rows(paired if paired is not None else compare.paired_comparison(ds))
+    if pairs:
+        print_table(pairs, console, title=PAIRED_TITLE, columns=PAIRED_COLUMNS)
+    csv_path, md_path = write_tables(rows, out_dir, pairs)
     curves = plot_curves(agg, out_dir)
     montage = plot_montage(store, ds, out_dir, scans)
-    return {"table_csv": csv_path, "table_md": md_path, "curves": curves, "montage": montage}
+    return {"table_csv": csv_path, "table_md": md_path, "paired_csv": out_dir / "paired.csv", "curves": curves,
+            "montage": montage}
