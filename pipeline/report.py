@@ -8,6 +8,7 @@
                                 10-90 % quantile band, onset of overfitting marked
     montage.png                 per chosen scan: ground truth, degraded, each solver's final
                                 reconstruction, PSNR under each
+    index.html                  all of it as one self-contained page (pipeline.report_page)
 The aggregate is (re)computed first when it is missing or older than the ledger.
 """
 from __future__ import annotations
@@ -285,9 +286,12 @@ def ensure_aggregate(store: str | Path, say=print):
         return open_aggregate(store, check_fresh=False)
 
 
-def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None = None, console=None) -> dict:
-    """Print the table and write table.csv, table.md, curves_<task>.png and montage.png into out_dir."""
+def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None = None, console=None,
+           page_jobs: int | None = None) -> dict:
+    """Print the table and write table.csv, table.md, curves_<task>.png, montage.png and index.html
+    into out_dir (`page_jobs`: most jobs the page's image viewer holds)."""
     from pipeline.query import open_results
+    from pipeline.report_page import MAX_JOBS, write_page
 
     console = console or wide_console()
     out_dir = Path(out_dir)
@@ -305,4 +309,6 @@ def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None =
     csv_path, md_path = write_tables(rows, out_dir)
     curves = plot_curves(agg, out_dir)
     montage = plot_montage(store, ds, out_dir, scans)
-    return {"table_csv": csv_path, "table_md": md_path, "curves": curves, "montage": montage}
+    page = write_page(store, out_dir, ds, rows, markdown_columns(), curves,
+                      max_jobs=MAX_JOBS if page_jobs is None else page_jobs)
+    return {"table_csv": csv_path, "table_md": md_path, "curves": curves, "montage": montage, "page": page}
