@@ -13,6 +13,9 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("store", help="results store written by `dipcohort run`")
     p.add_argument("--all-failed", action="store_true", help="list every failed job (default: the first 20)")
+    p.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                   help="refresh counts, throughput, ETA and the latest failures every SECONDS (default 5) "
+                        "until no job is left to run")
     p.set_defaults(func=main)
 
 
@@ -23,6 +26,13 @@ def main(args: argparse.Namespace) -> int:
         root = open_store(args.store)
     except StoreError as err:
         raise UsageError(str(err)) from None
+    if args.watch is not None:
+        from pipeline.watch import watch
+
+        if not args.watch > 0:
+            raise UsageError(f"--watch must be > 0 seconds, got {args.watch}")
+        watch(args.store, interval=args.watch)
+        return 0
     report(root, args.store, limit=None if args.all_failed else 20)
     return 0
 
