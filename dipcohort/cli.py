@@ -13,7 +13,7 @@ import sys
 
 from pipeline.errors import UsageError
 
-COMMANDS = ("recon", "run", "status", "aggregate", "report", "export", "demo")
+COMMANDS = ("recon", "run", "status", "aggregate", "report", "export", "tune", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
