@@ -11,4 +11,5 @@ demo: install
 	$(BIN)/dipcohort demo --out demo-results
 
 test: install
+	@bash scripts/test-setup.sh
 	$(BIN)/python -m pytest -q tests

@@ -121,6 +121,8 @@ class ManifestModel(_Strict):
     checkpoint_every: NonNegativeInt = 0
     scans: list[ScanEntryModel] = Field(min_length=1)
     solvers: list[SolverModel] = Field(min_length=1)
+    # scans kept apart for choosing hyper-parameters (`dipcohort tune`); `run` never evaluates them
+    tuning_scans: list[ScanEntryModel] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +160,8 @@ class Manifest:
     ssim_every: int
     description: str = ""
     jobs: list[Job] = field(default_factory=list)
+    tuning_scans: list[ScanSpec] = field(default_factory=list)
+    seeds: tuple[int, ...] = (0,)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -177,10 +181,16 @@ def load_manifest(path: str | Path) -> Manifest:
     except ValidationError as err:
         raise ManifestError(_format_errors(path, err)) from None
     base = path.resolve().parent
-    scans = _expand_scans(model, path, base)
+    scans = _expand_scans(model.scans, model, path, base)
+    tuning = _expand_scans(model.tuning_scans, model, path, base, field="tuning_scans")
+    clash = sorted({s.id for s in scans} & {s.id for s in tuning})
+    if clash:
+        raise ManifestError(f"{path}: scan id(s) {', '.join(clash)} appear in both scans and tuning_scans; "
+                            f"expected distinct ids")
     configs = _expand_solvers(model, path)
     manifest = Manifest(path=path, text=text, cohort=model.cohort, scans=scans, configs=configs,
-                        ssim_every=model.metrics.ssim_every, description=model.description)
+                        ssim_every=model.metrics.ssim_every, description=model.description, tuning_scans=tuning,
+                        seeds=_seeds(model.seeds))
     manifest.jobs = expand_jobs(manifest)
     return manifest
 
@@ -262,13 +272,14 @@ def check_scan_id(scan_id: str, where: str) -> None:
                             f"no control characters and no leading/trailing whitespace")
 
 
-def _expand_scans(model: ManifestModel, path: Path, base: Path) -> list[ScanSpec]:
+def _expand_scans(entries: list[ScanEntryModel], model: ManifestModel, path: Path, base: Path,
+                  field: str = "scans") -> list[ScanSpec]:
     from recon.problem import TASKS
 
     scans: list[ScanSpec] = []
     origin: dict[str, str] = {}
-    for i, entry in enumerate(model.scans):
-        where = f"{path}: scans[{i}]"
+    for i, entry in enumerate(entries):
+        where = f"{path}: {field}[{i}]"
         for spec, spec_where in _entry_scans(entry, model, where, base):
             if spec.task not in TASKS:
                 raise ManifestError(f"{spec_where}: task {spec.task!r} is not one of {', '.join(TASKS)}")

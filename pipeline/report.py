@@ -13,6 +13,7 @@
                                 10-90 % quantile band, onset of overfitting marked
     montage.png                 per chosen scan: ground truth, degraded, each solver's final
                                 reconstruction, PSNR under each
+    index.html                  all of it as one self-contained page (pipeline.report_page)
 The aggregate is (re)computed first when it is missing or older than the ledger.
 """
 from __future__ import annotations
@@ -352,9 +353,12 @@ def ensure_aggregate(store: str | Path, say=print):
         return open_aggregate(store, check_fresh=False)
 
 
-def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None = None, console=None) -> dict:
-    """Print the table and write table.csv, table.md, curves_<task>.png and montage.png into out_dir."""
+def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None = None, console=None,
+           page_jobs: int | None = None) -> dict:
+    """Print the table and write table.csv, table.md, curves_<task>.png, montage.png and index.html
+    into out_dir (`page_jobs`: most jobs the page's image viewer holds)."""
     from pipeline.query import open_results
+    from pipeline.report_page import MAX_JOBS, table_section, write_page
 
     console = console or wide_console()
     out_dir = Path(out_dir)
@@ -377,5 +381,8 @@ def report(store: str | Path, out_dir: str | Path, scans: Sequence[str] | None =
     csv_path, md_path = write_tables(rows, out_dir, pairs)
     curves = plot_curves(agg, out_dir)
     montage = plot_montage(store, ds, out_dir, scans)
+    extra = [("Paired comparisons", table_section(pairs, PAIRED_COLUMNS, table_id="paired"))] if pairs else []
+    page = write_page(store, out_dir, ds, rows, markdown_columns(), curves, extra_sections=extra,
+                      max_jobs=MAX_JOBS if page_jobs is None else page_jobs)
     return {"table_csv": csv_path, "table_md": md_path, "paired_csv": out_dir / "paired.csv", "curves": curves,
-            "montage": montage}
+            "montage": montage, "page": page}

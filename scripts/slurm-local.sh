@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A real single-node Slurm on this machine, for the scheduler tests and for trying `--backend slurm`.
+# A real Slurm of NODES nodes on this one machine, for the scheduler tests and for trying `--backend slurm`.
 #   scripts/slurm-local.sh up      install (Debian packages) when missing, configure, start, wait for the partition
+#   NODES=2 scripts/slurm-local.sh up   nodes n1..nN: one slurmd each (`slurmd -N nK`, its own port, spool,
+#                                  pid and log via %n), all on this host (default NODES=1: the host's name)
 #   scripts/slurm-local.sh down    stop the daemons this script started
 #   scripts/slurm-local.sh status  daemons and `sinfo`
 # Made for containers and CI: needs root, no systemd (daemons are started directly, logs under $STATE/log).
@@ -8,8 +10,14 @@
 set -euo pipefail
 
 STATE=${SLURM_LOCAL_STATE:-/var/spool/slurm-local}     # spool, state, pid files and logs
-CONF_DIR=/etc/slurm
+CONF_DIR=${SLURM_LOCAL_CONF_DIR:-/etc/slurm}
+# a second test cluster beside the first (other config dir, state and ports): daemons and clients
+# find its configuration through SLURM_CONF
+[ "$CONF_DIR" = /etc/slurm ] || export SLURM_CONF="$CONF_DIR/slurm.conf"
+CTLD_PORT=${SLURM_LOCAL_CTLD_PORT:-6817}
 PARTITION=debug
+NODES=${NODES:-1}
+SLURMD_PORT0=${SLURM_LOCAL_SLURMD_PORT:-17000}   # node K listens on SLURMD_PORT0 + K (several nodes only)
 WAIT_S=${SLURM_LOCAL_WAIT_S:-60}
 PKGS=(slurmctld slurmd slurm-client munge)
 MARKER="# Written by scripts/slurm-local.sh"
@@ -39,7 +47,11 @@ install_packages() {
   return 0
 }
 
-node_name() { hostname -s; }
+[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || { echo "slurm-local: NODES must be a positive integer, got '$NODES'" >&2; exit 2; }
+
+# one node: the host itself; several: n1..nN, each a slurmd of its own on this host
+node_names() { if [ "$NODES" = 1 ]; then hostname -s; else seq -f 'n%g' 1 "$NODES"; fi; }
+node_list() { node_names | paste -sd, -; }
 
 # RealMemory: what the node reports minus a margin, so slurmd never drains the node as "Low RealMemory".
 real_memory_mb() {
@@ -49,15 +61,31 @@ real_memory_mb() {
   echo $((mb - margin > 256 ? mb - margin : 256))
 }
 
+node_lines() {
+  local cpus mem k=0 name
+  cpus=$(nproc); mem=$(real_memory_mb)
+  if [ "$NODES" = 1 ]; then
+    echo "NodeName=$(hostname -s) NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN"
+    return
+  fi
+  # every node offers the host's CPUs and memory (they share them: a test cluster, not a benchmark)
+  for name in $(node_names); do
+    k=$((k + 1))
+    echo "NodeName=${name} NodeHostname=$(hostname -s) NodeAddr=127.0.0.1 Port=$((SLURMD_PORT0 + k)) CPUs=${cpus} RealMemory=${mem} State=UNKNOWN"
+  done
+}
+
 write_config() {
-  local node cpus mem tmp
-  node=$(node_name); cpus=$(nproc); mem=$(real_memory_mb)
+  local tmp nodes_conf
+  nodes_conf=$(node_lines)
   mkdir -p "$CONF_DIR" "$STATE"/{ctld,d,log,run}
+  for name in $(node_names); do mkdir -p "$STATE/d/$name"; done
   tmp=$(mktemp)
   cat >"$tmp" <<EOF
-$MARKER: a single-node test cluster (root-only, no cgroups, no accounting).
+$MARKER: a ${NODES}-node test cluster on one host (root-only, no cgroups, no accounting).
 ClusterName=dipcohort-local
-SlurmctldHost=${node}(127.0.0.1)
+SlurmctldHost=$(hostname -s)(127.0.0.1)
+SlurmctldPort=${CTLD_PORT}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -65,11 +93,14 @@ AuthType=auth/munge
 AuthInfo=cred_expire=5
 MailProg=/bin/true
 StateSaveLocation=${STATE}/ctld
-SlurmdSpoolDir=${STATE}/d
+# %n: the node name, so several slurmd on this host keep their own spool, pid and log
+SlurmdSpoolDir=${STATE}/d/%n
 SlurmctldPidFile=${STATE}/run/slurmctld.pid
-SlurmdPidFile=${STATE}/run/slurmd.pid
+SlurmdPidFile=${STATE}/run/slurmd-%n.pid
 SlurmctldLogFile=${STATE}/log/slurmctld.log
-SlurmdLogFile=${STATE}/log/slurmd.log
+SlurmdLogFile=${STATE}/log/slurmd-%n.log
+# nodes declare the host's CPUs and memory each; do not drain them for "low" resources
+SlurmdParameters=config_overrides
 SlurmctldDebug=info
 SlurmdDebug=info
 # containers have no usable cgroup hierarchy: track processes by parent id, bind nothing
@@ -97,8 +128,8 @@ MinJobAge=60
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
-NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
-PartitionName=${PARTITION} Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+${nodes_conf}
+PartitionName=${PARTITION} Nodes=$(node_list) Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
   if ! cmp -s "$tmp" "$CONF_DIR/slurm.conf"; then
     mv "$tmp" "$CONF_DIR/slurm.conf"; chmod 644 "$CONF_DIR/slurm.conf"; CONFIG_CHANGED=1
@@ -137,41 +168,49 @@ start_daemons() {
   if [ "${CONFIG_CHANGED:-0}" = 1 ] && pid_alive "$STATE/run/slurmctld.pid"; then
     log "configuration changed: restarting the daemons"; stop_daemons
   fi
-  # both daemons fork into the background and write their pid files
+  # the daemons fork into the background and write their pid files
   pid_alive "$STATE/run/slurmctld.pid" || slurmctld
-  pid_alive "$STATE/run/slurmd.pid" || slurmd
+  local name
+  for name in $(node_names); do
+    pid_alive "$STATE/run/slurmd-$name.pid" || slurmd -N "$name"
+  done
 }
 
 stop_daemons() {
   local f pid
-  for f in slurmd slurmctld; do
-    if pid_alive "$STATE/run/$f.pid"; then
-      pid=$(cat "$STATE/run/$f.pid"); kill "$pid"
+  # every slurmd this script may have started (any earlier node count), then the controller
+  for f in "$STATE"/run/slurmd*.pid "$STATE/run/slurmctld.pid"; do
+    [ -e "$f" ] || continue
+    if pid_alive "$f"; then
+      pid=$(cat "$f"); kill "$pid"
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
     fi
-    rm -f "$STATE/run/$f.pid"
+    rm -f "$f"
   done
 }
 
+nodes_usable() {
+  # how many of the partition's nodes are idle (or mix/alloc/completing when jobs run)
+  sinfo -h -N -p "$PARTITION" -o '%t' 2>/dev/null | grep -cE '^(idle|mix|alloc|comp)'
+}
+
 partition_up() {
-  # "up idle" (or mix/alloc when jobs run) for the partition's node
-  local line; line=$(sinfo -h -p "$PARTITION" -o '%a %t' 2>/dev/null | head -1) || return 1
-  [[ "$line" =~ ^up\ (idle|mix|alloc|comp) ]]
+  local line; line=$(sinfo -h -p "$PARTITION" -o '%a' 2>/dev/null | head -1) || return 1
+  [ "$line" = up ] && [ "$(nodes_usable)" -ge "$NODES" ]
 }
 
 wait_up() {
-  local node; node=$(node_name)
   for i in $(seq $((WAIT_S * 2))); do
-    if partition_up; then log "partition '$PARTITION' is up on node $node ($(nproc) CPUs)"; return 0; fi
+    if partition_up; then log "partition '$PARTITION' is up on node(s) $(node_list) ($(nproc) CPUs each)"; return 0; fi
     # a node left down/drained from an earlier run comes back with an explicit resume
-    if [ $((i % 10)) = 0 ] && sinfo -h -n "$node" -o '%t' 2>/dev/null | grep -qE 'down|drain'; then
-      scontrol update NodeName="$node" State=RESUME 2>/dev/null || true
+    if [ $((i % 10)) = 0 ] && sinfo -h -N -o '%t' 2>/dev/null | grep -qE 'down|drain'; then
+      scontrol update NodeName="$(node_list)" State=RESUME 2>/dev/null || true
     fi
     sleep 0.5
   done
   log "partition '$PARTITION' not up after ${WAIT_S}s; sinfo says: $(sinfo -h -o '%P %a %t %E' 2>&1 || true)"
-  for f in slurmctld slurmd; do log "---- last lines of $STATE/log/$f.log"; tail -n 30 "$STATE/log/$f.log" >&2 2>/dev/null || true; done
+  for f in "$STATE"/log/slurm*.log; do log "---- last lines of $f"; tail -n 30 "$f" >&2 2>/dev/null || true; done
   exit 1
 }
 
@@ -204,8 +243,11 @@ case "${1:-}" in
     log "slurmctld and slurmd stopped (munged left running)"
     ;;
   status)
-    for f in slurmctld slurmd; do
-      if pid_alive "$STATE/run/$f.pid"; then echo "$f: running (pid $(cat "$STATE/run/$f.pid"))"; else echo "$f: stopped"; fi
+    pid_alive "$STATE/run/slurmctld.pid" || echo "slurmctld: stopped"
+    for f in "$STATE"/run/slurmctld.pid "$STATE"/run/slurmd*.pid; do
+      [ -e "$f" ] || continue
+      name=$(basename "$f" .pid)
+      if pid_alive "$f"; then echo "$name: running (pid $(cat "$f"))"; else echo "$name: stopped"; fi
     done
     if ! command -v sinfo >/dev/null; then echo "sinfo: not installed (run: $0 up)"; exit 1; fi
     pid_alive "$STATE/run/slurmctld.pid" && sinfo && partition_up

@@ -46,8 +46,8 @@ def test_report_writes_table_plots_and_montage(fab, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "aggregating" in printed and "no aggregate yet" in printed
     agg = pipeline.open_aggregate(fab.path)
-    assert sorted(p.name for p in out.iterdir()) == ["curves_denoise.png", "curves_mri.png", "montage.png",
-                                                      "paired.csv", "table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["curves_denoise.png", "curves_mri.png", "index.html",
+                                                      "montage.png", "paired.csv", "table.csv", "table.md"]
     assert all(is_png(p) for p in [*paths["curves"], paths["montage"]])
     # montage: 2 scans per task → 4 rows of GT, degraded and 3 solver configs
     h, w = mpimg.imread(paths["montage"]).shape[:2]
@@ -174,7 +174,8 @@ def test_demo_runs_a_real_cohort_end_to_end_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 of 2 jobs to run" in printed and "Final PSNR" in printed
     store = out / "demo.zarr"
-    assert sorted(p.name for p in (out / "report").iterdir()) == ["curves_denoise.png", "montage.png", "paired.csv",
+    assert sorted(p.name for p in (out / "report").iterdir()) == ["curves_denoise.png", "index.html", "montage.png",
+                                                                  "paired.csv",
                                                                   "table.csv", "table.md"]
     ds = pipeline.open_results(store)
     assert ds.attrs["read_from"] == "compact" and ds.attrs["cohort"] == "tiny"

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--stale-after", type=float, default=STALE_AFTER_S / 60, metavar="MINUTES",
                    help="a running job whose worker sent no heartbeat for this long is shown as stale "
                         f"(default {STALE_AFTER_S / 60:g})")
+    p.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                   help="refresh counts, throughput, ETA and the latest failures every SECONDS (default 5) "
+                        "until no job is left to run")
     p.set_defaults(func=main)
 
 
@@ -29,6 +32,13 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--stale-after must be > 0 minutes, got {args.stale_after:g}")
     root = open_store(args.store)           # StoreError: one line, exit 2
     try:
+        if args.watch is not None:
+            from pipeline.watch import watch
+
+            if not args.watch > 0:
+                raise UsageError(f"--watch must be > 0 seconds, got {args.watch}")
+            watch(args.store, interval=args.watch)
+            return 0
         report(root, args.store, limit=None if args.all_failed else 20, stale_after_s=60 * args.stale_after)
         sys.stdout.flush()
     except BrokenPipeError:                 # `status STORE | head`: the reader left; end quietly
