@@ -30,6 +30,7 @@ from pipeline.errors import UsageError
 STALE_AFTER_S = 120.0  # no lease heartbeat for this long: the driver is gone (renewed every RENEW_S)
 RENEW_S = 10.0
 JOB_HEARTBEAT_S = 10.0  # workers renew a running job's ledger heartbeat this often (pipeline.worker)
+STOP_POLL_S = 0.5       # workers look for the stop request at most this often (one stat per look)
 
 
 class LeaseHeld(UsageError):
@@ -253,9 +254,9 @@ def clear_stop(store: str | Path) -> None:
 class StopCheck:
     """`check()` is True once the driver asked to stop; the file is looked at most every `every_s`."""
 
-    def __init__(self, store: str | Path, every_s: float = 0.5):
+    def __init__(self, store: str | Path, every_s: float | None = None):
         self.path = stop_path(store)
-        self.every_s = every_s
+        self.every_s = STOP_POLL_S if every_s is None else every_s
         self._next = 0.0
         self._stopped = False
 

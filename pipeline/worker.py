@@ -136,8 +136,9 @@ def _record(writer: JobWriter, log: JobLog, status: str, runtime: float, error: 
     return status
 
 
-def _heartbeat(writer: JobWriter, every_s: float = JOB_HEARTBEAT_S):
+def _heartbeat(writer: JobWriter, every_s: float | None = None):
     """A loop progress callback that renews the job's ledger heartbeat at most every `every_s`."""
+    every_s = JOB_HEARTBEAT_S if every_s is None else every_s
     last = [time.monotonic()]
 
     def beat(step: int, total: int, values: dict) -> None:

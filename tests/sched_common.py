@@ -167,3 +167,25 @@ def alive(pid: int) -> bool:
 
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+def start_driver(*args: str, **kwargs) -> subprocess.Popen:
+    """`python -m dipcohort ARGS` in its own process group (a signal to the group is a terminal's Ctrl-C)."""
+    return subprocess.Popen([sys.executable, "-m", "dipcohort", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+
+
+def ledger_if_created(store: Path) -> dict[str, str]:
+    """The ledger, or {} while the driver is still creating the store."""
+    try:
+        return statuses(store)
+    except (KeyError, FileNotFoundError, ValueError):
+        return {}
+
+
+def any_log_contains(store: Path, text: str) -> bool:
+    from pipeline.store import work_dir
+
+    logs = work_dir(store) / "logs"
+    return logs.is_dir() and any(text in p.read_text() for p in logs.glob("*.log"))

@@ -174,3 +174,62 @@ def test_resumes_from_checkpoint_with_the_same_numbers(tmp_path):
     np.testing.assert_array_equal(root["metrics/values"][b.index], ref["metrics/values"][a.index])
     np.testing.assert_array_equal(root["images"][b.image_group]["final"][b.image_index],
                                   ref["images"][a.image_group]["final"][a.image_index])
+
+
+def test_running_job_renews_its_heartbeat(tmp_path, monkeypatch):
+    import pipeline.worker as worker
+
+    out, jobs = cohort(tmp_path, "  - {name: dip, params: {network: tiny}}",
+                       scans='\n  - {id: a, source: "skimage:camera", task: denoise}')
+    beats: list[float] = []
+    original = st.JobWriter.heartbeat
+    monkeypatch.setattr(worker, "JOB_HEARTBEAT_S", 0.0)   # every progress call (every 10 steps)
+    monkeypatch.setattr(st.JobWriter, "heartbeat", lambda self: (beats.append(1), original(self)))
+    assert run_job(jobs[0], out, device="cpu") == "done"
+    assert len(beats) >= STEPS // 10 - 1
+    g = zarr.open_group(str(out), mode="r")["jobs"]
+    assert g["heartbeat"][0] > 0 and g["threads"][0] == 1
+
+
+def test_stop_request_interrupts_at_a_step_and_the_rerun_continues_exactly(tmp_path, monkeypatch):
+    """The driver's stop request (pipeline.lease.request_stop): the job stops at a step boundary,
+    leaves a checkpoint, is recorded 'interrupted'; run again, it continues to the numbers of an
+    uninterrupted run. A job not started yet is left untouched."""
+    import pipeline.lease as lease
+    from pipeline.lease import clear_stop, request_stop
+    from recon.solvers import loop
+
+    monkeypatch.setattr(lease, "STOP_POLL_S", 0.0)   # look at every step: the stop lands at step 8
+    solvers, scans = "  - {name: dip, params: {network: tiny}}", '\n  - {id: b, source: "skimage:camera", task: denoise}'
+    (tmp_path / "fresh").mkdir()
+    fresh, (a,) = cohort(tmp_path / "fresh", solvers, scans=scans)
+    out, (b,) = cohort(tmp_path, solvers, scans=scans)
+    assert run_job(a, fresh, device="cpu") == "done"   # the same job uninterrupted, in a store of its own
+    original = loop.Loop._track
+    calls = []
+
+    def stop_after_7(self, k, image, values):   # the driver asks to stop during step 7
+        calls.append(k)
+        if k == 7:
+            request_stop(out, "test")
+        return original(self, k, image, values)
+
+    loop.Loop._track = stop_after_7
+    try:
+        assert run_job(b, out, device="cpu") == "interrupted"
+    finally:
+        loop.Loop._track = original
+    root = zarr.open_group(str(out), mode="r")
+    assert root["jobs/status"][b.index] == STATUS_CODES["interrupted"]
+    assert "stopped by the driver" in str(root["jobs/error"][b.index])
+    assert st.checkpoint_path(out, b.job_id).is_file()
+    assert max(calls) == 7   # stopped at the next step boundary
+    assert run_job(b, out, device="cpu") == "interrupted"   # still asked to stop: not even started
+    assert zarr.open_group(str(out), mode="r")["jobs/attempts"][b.index] == 1
+    clear_stop(out)
+    assert run_job(b, out, device="cpu") == "done"
+    assert "resuming from checkpoint" in st.log_path(out, b.job_id).read_text()
+    root, ref = zarr.open_group(str(out), mode="r"), zarr.open_group(str(fresh), mode="r")
+    np.testing.assert_array_equal(root["metrics/values"][b.index], ref["metrics/values"][a.index])
+    np.testing.assert_array_equal(root["images"][b.image_group]["final"][b.image_index],
+                                  ref["images"][a.image_group]["final"][a.image_index])
