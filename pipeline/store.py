@@ -193,6 +193,7 @@ def create_store(path: str | Path, jobs: Sequence[Job], groups: dict[str, ImageS
     """
     path = Path(path)
     building = _begin_creation(path, stream or sys.stderr)
+    _check_space(path, len(jobs), len(groups))
     try:
         root = zarr.open_group(str(building), mode="w-")
         root.attrs.update(_root_attrs(path, groups, cohort, manifest_text, manifest_path, metric_names,
@@ -205,12 +206,30 @@ def create_store(path: str | Path, jobs: Sequence[Job], groups: dict[str, ImageS
         consolidate(building)
         _publish(building, path)
     except OSError as err:
-        shutil.rmtree(building, ignore_errors=True)
+        _discard(building)
         raise StoreError(_creation_failed(path, err)) from None
     except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
+        _discard(building)
         raise
     return open_store(path, mode="r+")
+
+
+def _discard(building: Path) -> None:
+    """Remove a half-built store once zarr's writes still in flight have ended (one failed write
+    leaves its siblings running on zarr's I/O loop; they would recreate files after the removal)."""
+    import asyncio
+
+    async def settle() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)   # retrieved: no noise at exit
+
+    try:
+        from zarr.core.sync import _get_loop   # zarr's I/O event loop (private; guarded)
+
+        asyncio.run_coroutine_threadsafe(settle(), _get_loop()).result(timeout=60)
+    except Exception:  # noqa: BLE001 - without it, removing twice catches late writes
+        time.sleep(1.0)
+    shutil.rmtree(building, ignore_errors=True)
 
 
 def _root_attrs(path: Path, groups, cohort, manifest_text, manifest_path, metric_names, steps) -> dict:
@@ -223,6 +242,17 @@ def _root_attrs(path: Path, groups, cohort, manifest_text, manifest_path, metric
         "layout_version": LAYOUT_VERSION, "work_dir": relative_to_store(path, work_dir(path)),
         "Conventions": "CF-1.10",
     }
+
+
+def _check_space(path: Path, n_jobs: int, n_groups: int) -> None:
+    """Refuse before writing when the empty store cannot fit: one file per job (its log path)
+    plus ~100 metadata and coordinate files, each taking at least a 4 KiB block."""
+    need = (n_jobs + 100 + 20 * n_groups) * 4096
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise StoreError(f"{path}: could not create the results store (no space left on the device: "
+                         f"{free / 2**20:.1f} MiB free, the empty store needs about {need / 2**20:.1f} MiB); "
+                         f"nothing was left under that name. Free space or choose another --out, then run again")
 
 
 def _creation_failed(path: Path, err: OSError) -> str:
