@@ -7,8 +7,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 import xarray as xr
 
 import pipeline
@@ -28,21 +26,13 @@ solvers:
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _image(path: Path, size: int) -> None:
     yy, xx = np.mgrid[0:size, 0:size]
     np.save(path, (0.5 + 0.4 * np.sin(xx / 4) * np.cos(yy / 5)).astype(np.float32))
 
 
 def _run(*args) -> int:
-    return main(["run", *map(str, args), "--device", "cpu", "--progress", "quiet"])
+    return main(["run", *map(str, args), "--device", "cpu", "--progress", "quiet", "-o", "threads=1"])
 
 
 def test_retry_failed_places_a_new_shape_in_a_late_group(tmp_path, capsys):
