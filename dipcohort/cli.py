@@ -13,7 +13,7 @@ import sys
 
 from pipeline.errors import UsageError
 
-COMMANDS = ("recon", "run", "status", "aggregate", "report", "demo")
+COMMANDS = ("recon", "run", "status", "verify", "aggregate", "report", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

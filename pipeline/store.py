@@ -729,8 +729,9 @@ def started_since(before: Snapshot, now: Snapshot, job: Job) -> bool:
     return now.of(job)[1] > before.of(job)[1]
 
 
-def mark(store_path: str | Path, jobs: Sequence[Job], status: str, error: str = "") -> None:
-    """Set the status (and error message) of jobs that no worker is running; attempts are kept.
+def mark(store_path: str | Path, jobs: Sequence[Job | int], status: str, error: str = "") -> None:
+    """Set the status (and error message) of jobs (or job rows) that no worker is running;
+    attempts are kept.
 
     For the driver (scans that cannot be loaded: 'failed'; a lease taken over: 'interrupted')
     and `verify --repair` ('pending': run again). The checksum is cleared: it no longer vouches
@@ -738,9 +739,10 @@ def mark(store_path: str | Path, jobs: Sequence[Job], status: str, error: str = 
     """
     g = open_store(store_path, mode="r+")[JOBS]
     for job in jobs:
-        g["error"][job.index] = error
-        g["checksum"][job.index] = ""
-        g["status"][job.index] = STATUS_CODES[status]
+        i = job if isinstance(job, (int, np.integer)) else job.index
+        g["error"][i] = error
+        g["checksum"][i] = ""
+        g["status"][i] = STATUS_CODES[status]
 
 
 def record_lost(job: Job, store_path: str | Path, reason: str) -> None:
@@ -773,12 +775,13 @@ def data_digest(values: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def job_parts(root: zarr.Group, job: Job) -> dict[str, tuple[zarr.Array, int]]:
-    """The chunks a job writes: part name ('metrics', 'summary', 'images/final', ...) → (array, row)."""
-    parts = {"metrics": (root[METRICS][VALUES], job.index), "summary": (root[SUMMARY][VALUES], job.index)}
-    if job.image_group and job.image_group in root[IMAGES]:
-        g = root[IMAGES][job.image_group]
-        parts.update({f"images/{name}": (g[name], job.image_index) for name in IMAGE_ARRAYS})
+def job_parts(root: zarr.Group, index: int, image_group: str, image_index: int) -> dict[str, tuple[zarr.Array, int]]:
+    """The chunks job row `index` writes: part name ('metrics', 'summary', 'images/final', ...)
+    → (array, row of that array)."""
+    parts = {"metrics": (root[METRICS][VALUES], index), "summary": (root[SUMMARY][VALUES], index)}
+    if image_group and image_group in root[IMAGES]:
+        g = root[IMAGES][image_group]
+        parts.update({f"images/{name}": (g[name], image_index) for name in IMAGE_ARRAYS})
     return parts
 
 
