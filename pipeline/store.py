@@ -498,7 +498,11 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(_not_a_store(path))
-    root = zarr.open_group(str(path), mode=mode)
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+    except Exception as err:  # noqa: BLE001 - garbage or truncated metadata
+        raise StoreError(f"{path}/zarr.json cannot be read ({type(err).__name__}: {err}); the store's metadata is "
+                         f"damaged: run the manifest again into a new --out") from None
     version = root.attrs.get("layout_version")
     if JOBS not in root or "status_codes" not in root.attrs or version is None:
         raise StoreError(f"{path}: a Zarr group but not a dipcohort results store (no 'jobs' group)")

@@ -206,6 +206,10 @@ def test_open_store_rejects_other_directories(tmp_path):
         st.open_store(tmp_path / "plain.zarr")
     with pytest.raises(st.StoreError, match="no results store there"):
         st.open_store(tmp_path / "absent.zarr")
+    path, _, _ = build(tmp_path, n=2)
+    (path / "zarr.json").write_bytes(b"{ not json")
+    with pytest.raises(st.StoreError, match="zarr.json cannot be read.*metadata is damaged"):
+        st.open_store(path)
 
 
 def test_a_layout_1_store_is_refused_in_one_line(tmp_path):
