@@ -56,22 +56,27 @@ def build(path: Path, n_jobs: int, n_steps: int, workers: int) -> float:
 
 
 def _write_block(path: str, rows: tuple[int, int]) -> None:
-    import zarr
+    import json
 
     import store_factory as sf
+    from pipeline import store as st
 
     a, b = rows
     rng = np.random.default_rng(a)
-    root = zarr.open_group(path, mode="r+")
+    root = st.open_store(path, mode="r+")
     n_steps = root["metrics/values"].shape[2]
     curves = sf.synthetic_curves(b - a, n_steps, rng)
     metrics = np.concatenate([curves, curves[:, :1] * 0.5], axis=1)          # + an 'autoencoding' term
+    summary = np.stack([sf.summary_row(m, False, rng) for m in curves])
     root["metrics/values"][a:b] = metrics
-    root["summary/values"][a:b] = np.stack([sf.summary_row(m, False, rng) for m in curves])
+    root["summary/values"][a:b] = summary
     g = root["jobs"]
     g["attempts"][a:b] = np.ones(b - a, np.int32)
     g["runtime_s"][a:b] = rng.uniform(20, 40, b - a)
     g["device"][a:b] = np.array(["cuda:0 (NVIDIA H100)"] * (b - a))
+    # what the worker's JobWriter records before the status: a digest per chunk written
+    g["checksum"][a:b] = np.array([json.dumps({"metrics": st.data_digest(m), "summary": st.data_digest(s)})
+                                   for m, s in zip(metrics, summary)])
     g["status"][a:b] = np.full(b - a, 2, np.int8)                             # done, written last
 
 
@@ -141,8 +146,8 @@ def aggregate_only(path: str, workers: int, full: bool) -> None:
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime   # the pool is joined: children count
     print(json.dumps({"wall_s": wall, "self_maxrss": me.ru_maxrss * 1024, "child_maxrss": kids.ru_maxrss * 1024,
                       "cpu_s": cpu,
-                      "groups": ds.sizes["group"], "steps": ds.sizes["step"], "seconds": ds.attrs["seconds"],
-                      "compaction": ds.attrs["compaction"]}))
+                      "groups": ds.sizes["group"], "steps": ds.sizes["step"], "seconds": json.loads(ds.attrs["seconds"]),
+                      "compaction": json.loads(ds.attrs["compaction"])}))
 
 
 def rerun_some(path: Path, n: int = 10) -> None:
@@ -151,12 +156,15 @@ def rerun_some(path: Path, n: int = 10) -> None:
     from pipeline.jobs import Job, ScanSpec
 
     root = st.open_store(path)
-    rows = np.random.default_rng(1).choice(root["jobs/status"].shape[0], n, replace=False)
+    ids = st.job_coords(root)[st.JOB]
+    rows = np.random.default_rng(1).choice(len(ids), n, replace=False)
     for i in rows:
-        job = Job(job_id=str(root["jobs/job_id"][i]), index=int(i), scan=ScanSpec(id="x", source="x", task="denoise"),
+        job = Job(job_id=str(ids[i]), index=int(i), scan=ScanSpec(id="x", source="x", task="denoise"),
                   solver="dip", params={})
+        checksum = str(root["jobs/checksum"][i])            # same data: the digests still hold
         w = st.JobWriter(path, job)
         w.start("cpu")
+        w.digests = json.loads(checksum)
         w.finish("done", 1.0)
 
 
@@ -235,8 +243,9 @@ def main() -> None:
         shutil.rmtree(f"{path}.work", ignore_errors=True)
         print(f"building {path}: {args.jobs} jobs × {args.steps} steps (per-job chunks)", flush=True)
         took = build(path, args.jobs, args.steps, args.workers)
-        files = sum(1 for _ in path.rglob("*") if _.is_file())
-        print(f"  built in {took:.1f} s: {files} files, {_du(path) / 2**20:.0f} MiB")
+        print(f"  built in {took:.1f} s")
+    per_job = [p for p in path.rglob("*") if p.is_file() and not p.relative_to(path).as_posix().startswith("aggregate")]
+    print(f"  per-job store (before compaction): {len(per_job)} files, {sum(p.stat().st_size for p in per_job) / 2**20:.0f} MiB")
     print(f"aggregating with {args.workers} workers ...", flush=True)
     r = run_aggregation(path, args.workers, full=True)
     _print_run("aggregate (full)", r)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.errors import Interrupted, UsageError
 
-COMMANDS = ("recon", "run", "status", "aggregate", "report", "export", "tune", "demo")
+COMMANDS = ("recon", "run", "status", "verify", "aggregate", "report", "export", "tune", "demo")
 
 # OSErrors that mean "the user's file system or path", not a bug: exit 2 with the file named
 USER_ERRNOS = {

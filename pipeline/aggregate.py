@@ -3,12 +3,19 @@
 `aggregate(STORE)` writes the store's own group `aggregate`, replaced on every run:
 
     aggregate/                  attrs: complete, created, ledger_fingerprint, n_jobs, step_block, ...
-      compact/metrics           (job, metric, step) float32, chunks (256 jobs, 1 metric, B steps)
-      compact/summary           (job, field) float64, chunks (256, F)
-      compact/ledger/<name>     status attempts runtime_s device error log_path, chunks (256,)
+      compact/                  an xarray Dataset over (job, metric, step), coordinates as in metrics/:
+        metrics                 (job, metric, step) float32, chunks (256 jobs, 1 metric, B steps)
+                                inside one shard (file) per 256 jobs
+        summary                 (job, field) float64, one chunk
+        status attempts ...     the ledger (every pipeline.store.LEDGER array), one chunk each
       stats/                    an xarray Dataset over (group, step): see `build_stats`; with the
                                 seed and scan spreads of pipeline.compare (<field>_seed_std, ...)
       paired/                   paired comparisons of solver configs over (pair, metric): pipeline.compare
+
+Every finished job copied is checked against the checksum it recorded (metrics and summary): a
+missing, undecodable or changed chunk stops the aggregation with an error naming the job and
+chunk (`dipcohort verify --repair` and a run redo them). A 10,000-job copy is ~40 metrics shards
+plus ~100 small files, where the per-job store holds ~150,000.
 
 Compaction: workers write one chunk file per job and array (no locks, DESIGN.md), which makes a
 10,000-job store hold ~100,000 small files; reading them back costs ~0.5 ms each in zarr. The

@@ -193,6 +193,7 @@ def create_store(path: str | Path, jobs: Sequence[Job], groups: dict[str, ImageS
     """
     path = Path(path)
     building = _begin_creation(path, stream or sys.stderr)
+    _check_space(path, len(jobs), len(groups))
     try:
         root = zarr.open_group(str(building), mode="w-")
         root.attrs.update(_root_attrs(path, groups, cohort, manifest_text, manifest_path, metric_names,
@@ -205,12 +206,30 @@ def create_store(path: str | Path, jobs: Sequence[Job], groups: dict[str, ImageS
         consolidate(building)
         _publish(building, path)
     except OSError as err:
-        shutil.rmtree(building, ignore_errors=True)
+        _discard(building)
         raise StoreError(_creation_failed(path, err)) from None
     except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
+        _discard(building)
         raise
     return open_store(path, mode="r+")
+
+
+def _discard(building: Path) -> None:
+    """Remove a half-built store once zarr's writes still in flight have ended (one failed write
+    leaves its siblings running on zarr's I/O loop; they would recreate files after the removal)."""
+    import asyncio
+
+    async def settle() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)   # retrieved: no noise at exit
+
+    try:
+        from zarr.core.sync import _get_loop   # zarr's I/O event loop (private; guarded)
+
+        asyncio.run_coroutine_threadsafe(settle(), _get_loop()).result(timeout=60)
+    except Exception:  # noqa: BLE001 - without it, removing twice catches late writes
+        time.sleep(1.0)
+    shutil.rmtree(building, ignore_errors=True)
 
 
 def _root_attrs(path: Path, groups, cohort, manifest_text, manifest_path, metric_names, steps) -> dict:
@@ -223,6 +242,17 @@ def _root_attrs(path: Path, groups, cohort, manifest_text, manifest_path, metric
         "layout_version": LAYOUT_VERSION, "work_dir": relative_to_store(path, work_dir(path)),
         "Conventions": "CF-1.10",
     }
+
+
+def _check_space(path: Path, n_jobs: int, n_groups: int) -> None:
+    """Refuse before writing when the empty store cannot fit: one file per job (its log path)
+    plus ~100 metadata and coordinate files, each taking at least a 4 KiB block."""
+    need = (n_jobs + 100 + 20 * n_groups) * 4096
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise StoreError(f"{path}: could not create the results store (no space left on the device: "
+                         f"{free / 2**20:.1f} MiB free, the empty store needs about {need / 2**20:.1f} MiB); "
+                         f"nothing was left under that name. Free space or choose another --out, then run again")
 
 
 def _creation_failed(path: Path, err: OSError) -> str:
@@ -468,7 +498,11 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(_not_a_store(path))
-    root = zarr.open_group(str(path), mode=mode)
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+    except Exception as err:  # noqa: BLE001 - garbage or truncated metadata
+        raise StoreError(f"{path}/zarr.json cannot be read ({type(err).__name__}: {err}); the store's metadata is "
+                         f"damaged: run the manifest again into a new --out") from None
     version = root.attrs.get("layout_version")
     if JOBS not in root or "status_codes" not in root.attrs or version is None:
         raise StoreError(f"{path}: a Zarr group but not a dipcohort results store (no 'jobs' group)")
@@ -699,8 +733,9 @@ def started_since(before: Snapshot, now: Snapshot, job: Job) -> bool:
     return now.of(job)[1] > before.of(job)[1]
 
 
-def mark(store_path: str | Path, jobs: Sequence[Job], status: str, error: str = "") -> None:
-    """Set the status (and error message) of jobs that no worker is running; attempts are kept.
+def mark(store_path: str | Path, jobs: Sequence[Job | int], status: str, error: str = "") -> None:
+    """Set the status (and error message) of jobs (or job rows) that no worker is running;
+    attempts are kept.
 
     For the driver (scans that cannot be loaded: 'failed'; a lease taken over: 'interrupted')
     and `verify --repair` ('pending': run again). The checksum is cleared: it no longer vouches
@@ -708,9 +743,10 @@ def mark(store_path: str | Path, jobs: Sequence[Job], status: str, error: str = 
     """
     g = open_store(store_path, mode="r+")[JOBS]
     for job in jobs:
-        g["error"][job.index] = error
-        g["checksum"][job.index] = ""
-        g["status"][job.index] = STATUS_CODES[status]
+        i = job if isinstance(job, (int, np.integer)) else job.index
+        g["error"][i] = error
+        g["checksum"][i] = ""
+        g["status"][i] = STATUS_CODES[status]
 
 
 def record_lost(job: Job, store_path: str | Path, reason: str) -> None:
@@ -743,12 +779,13 @@ def data_digest(values: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def job_parts(root: zarr.Group, job: Job) -> dict[str, tuple[zarr.Array, int]]:
-    """The chunks a job writes: part name ('metrics', 'summary', 'images/final', ...) → (array, row)."""
-    parts = {"metrics": (root[METRICS][VALUES], job.index), "summary": (root[SUMMARY][VALUES], job.index)}
-    if job.image_group and job.image_group in root[IMAGES]:
-        g = root[IMAGES][job.image_group]
-        parts.update({f"images/{name}": (g[name], job.image_index) for name in IMAGE_ARRAYS})
+def job_parts(root: zarr.Group, index: int, image_group: str, image_index: int) -> dict[str, tuple[zarr.Array, int]]:
+    """The chunks job row `index` writes: part name ('metrics', 'summary', 'images/final', ...)
+    → (array, row of that array)."""
+    parts = {"metrics": (root[METRICS][VALUES], index), "summary": (root[SUMMARY][VALUES], index)}
+    if image_group and image_group in root[IMAGES]:
+        g = root[IMAGES][image_group]
+        parts.update({f"images/{name}": (g[name], image_index) for name in IMAGE_ARRAYS})
     return parts
 
 

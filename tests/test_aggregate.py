@@ -235,3 +235,16 @@ def test_step_block_bounds_memory():
 def test_not_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(st.StoreError, match="not a dipcohort results store"):
         ag.aggregate(tmp_path)
+
+
+def test_the_compact_copy_is_one_shard_file_per_block_of_jobs(fab):
+    """36 jobs in blocks of 8: 5 metrics shard files (each holding every metric and step block of
+    its jobs) and one chunk file per ledger and summary array, instead of a file per job and array."""
+    root = zarr.open_group(str(fab.path), mode="r")
+    metrics = root["aggregate/compact/metrics"]
+    assert metrics.shards == (8, metrics.shape[1], metrics.shards[2]) and metrics.chunks[:2] == (8, 1)
+    shard_files = [p for p in (fab.path / "aggregate/compact/metrics").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(shard_files) == 5
+    for name in ("summary", *st.LEDGER):
+        files = [p for p in (fab.path / "aggregate/compact" / name).rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert len(files) <= 1, name

@@ -206,6 +206,10 @@ def test_open_store_rejects_other_directories(tmp_path):
         st.open_store(tmp_path / "plain.zarr")
     with pytest.raises(st.StoreError, match="no results store there"):
         st.open_store(tmp_path / "absent.zarr")
+    path, _, _ = build(tmp_path, n=2)
+    (path / "zarr.json").write_bytes(b"{ not json")
+    with pytest.raises(st.StoreError, match="zarr.json cannot be read.*metadata is damaged"):
+        st.open_store(path)
 
 
 def test_a_layout_1_store_is_refused_in_one_line(tmp_path):
@@ -283,9 +287,12 @@ def test_a_live_creator_is_named_and_a_store_that_appeared_meanwhile_is_kept(tmp
     assert (path / "zarr.json").read_bytes() == before and not st.creating_siblings(path)
 
 
-def test_a_full_disk_during_creation_leaves_no_store_and_says_so(tmp_path):
+@pytest.mark.parametrize("when", ["checked before writing", "found while writing"])
+def test_a_full_disk_during_creation_leaves_no_store_and_says_so(tmp_path, monkeypatch, when):
     import subprocess
 
+    if when == "found while writing":                           # the space check passes, the writes fail
+        monkeypatch.setattr(st, "_check_space", lambda *args: None)
     mnt = tmp_path / "small"
     mnt.mkdir()
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True, text=True)
@@ -299,5 +306,6 @@ def test_a_full_disk_during_creation_leaves_no_store_and_says_so(tmp_path):
         assert list(mnt.iterdir()) == []
         with pytest.raises(st.StoreError, match="no results store there"):
             st.open_store(path)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+    finally:  # lazily if zarr's writer threads still hold a file there
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
