@@ -73,7 +73,7 @@ def run_job(job: Job, store_path: str | Path, device: str | torch.device | None 
 
 
 def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog) -> str:
-    from recon.simulate import degraded_image
+    from recon.tasks import degraded_image
     from recon.rng import solver_seed
     from recon.solvers import run_solver
 
