@@ -61,7 +61,7 @@ def seconds_per_step() -> float:
     import torch
 
     from pipeline.io import load_scan
-    from recon.simulate import simulate
+    from recon.tasks import simulate
     from recon.solvers import run_solver
 
     torch.set_num_threads(1)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recon.nets import build_network, count_parameters  # noqa: E402
-from recon.simulate import simulate  # noqa: E402
+from recon.tasks import simulate  # noqa: E402
 from recon.solvers import get_solver, run_solver  # noqa: E402
 
 TASK_OPTIONS = {"denoise": {"sigma": 25}, "mri": {"acceleration": 4}, "ct": {"views": 18},

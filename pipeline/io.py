@@ -24,6 +24,9 @@ reference are scaled together so the reference slice has maximum 1.
 """
 from __future__ import annotations
 
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,9 +181,39 @@ def _crop_square(img: np.ndarray) -> np.ndarray:
     return img[top:top + s, left:left + s]
 
 
-def _check_size(size: int | None) -> None:
+def _check_size(size: int | None, channels: int = 1) -> None:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
         raise ScanError(f"size must be an integer >= 8 pixels, got {size!r}")
+    if size is not None:
+        check_memory(size, channels)
+
+
+# a resized image needs a float64 working copy (the resize) and its float32 result
+BYTES_PER_PIXEL = 8 + 4
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(size: int, channels: int = 1) -> None:
+    """Refuse a size x size image that cannot fit in memory, before allocating it."""
+    need = size * size * channels * BYTES_PER_PIXEL
+    have = available_memory()
+    if have is not None and need > have:
+        raise ScanError(f"size {size} px needs about {need / 2 ** 30:.1f} GiB for the image alone, more than the "
+                        f"{have / 2 ** 30:.1f} GiB of memory available; expected a smaller size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,14 +253,34 @@ def _select_stack(arr: np.ndarray, options: dict, where: str) -> np.ndarray:
     return arr
 
 
+# what np.load raises for empty, truncated or corrupt files
+_NUMPY_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _np_load(path: Path, where: str):
+    if path.stat().st_size == 0:
+        raise ScanError(f"{where}: empty file (0 bytes); expected a NumPy .npy or .npz file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:  # object arrays need pickle (refused for user input), or a short .npy
+        raise ScanError(f"{where}: cannot load without pickle or truncated ({err}); expected a complete "
+                        "numeric array") from err
+    except _NUMPY_ERRORS as err:
+        raise ScanError(f"{where}: unreadable NumPy file, empty, truncated or corrupt ({err})") from err
+
+
+def _npz_member(loaded, key: str, where: str) -> np.ndarray:
+    try:
+        return loaded[key]
+    except ValueError as err:
+        raise ScanError(f"{where}[{key}]: cannot load without pickle or truncated ({err})") from err
+    except _NUMPY_ERRORS as err:
+        raise ScanError(f"{where}[{key}]: unreadable array, truncated or corrupt ({err})") from err
+
+
 def _read_numpy(path: Path, options: dict) -> tuple[np.ndarray, dict]:
     where = str(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except ValueError as err:  # object arrays need pickle, which we refuse for user input
-        raise ScanError(f"{where}: cannot load without pickle ({err}); expected a numeric array") from err
-    except OSError as err:
-        raise ScanError(f"{where}: unreadable NumPy file ({err})") from err
+    loaded = _np_load(path, where)
     if isinstance(loaded, np.ndarray):
         _no_options(options, where, ("slice",))
         return _select_stack(loaded, options, where), {"format": "npy"}
@@ -238,10 +291,7 @@ def _read_numpy(path: Path, options: dict) -> tuple[np.ndarray, dict]:
         if key is None or key not in keys:
             wanted = f"key {options['key']!r}" if "key" in options else "an array named 'image' or a single array"
             raise ScanError(f"{where}: expected {wanted}; keys found: {', '.join(keys) or 'none'}")
-        try:
-            arr = loaded[key]
-        except ValueError as err:
-            raise ScanError(f"{where}[{key}]: cannot load without pickle ({err})") from err
+        arr = _npz_member(loaded, key, where)
     return _select_stack(arr, options, f"{where}[{key}]"), {"format": "npz", "key": key}
 
 
@@ -419,7 +469,7 @@ def load_scan(source: str, *, size: int | None = None, grayscale: bool = True) -
     size: resize to size x size pixels (centre-crop to square first); None keeps the native size.
     grayscale: convert RGB to gray (MRI and CT always need gray; the CLI forces it there).
     """
-    _check_size(size)
+    _check_size(size, 1 if grayscale else 3)
     source = str(source)
     if source.startswith("skimage:"):
         path_text, options = source, {}
@@ -470,25 +520,36 @@ def load_scan(source: str, *, size: int | None = None, grayscale: bool = True) -
 
 
 # --------------------------------------------------------------------------------------------
-# from a scan to a problem (shared by `dipcohort recon` and the cohort worker)
+# measured arrays (CT sinograms): raw numbers, no intensity rule
 # --------------------------------------------------------------------------------------------
-def scan_problem(scan: ScanData, task: str, task_params: dict | None = None, seed: int = 0,
-                 reference: np.ndarray | None = None):
-    """The reconstruction problem for `scan`: measured k-space when the scan has it and the task is
-    MRI (recon.simulate.from_measurements), else measurements simulated from the image.
-    `reference` replaces the scan's own reference image (a manifest's separate reference)."""
-    from recon.simulate import TASK_DEFAULTS, from_measurements, simulate
+def load_array(source: str) -> np.ndarray:
+    """A measured real array from .npy or .npz (`FILE.npz#key=NAME`, default 'sinogram' or the only
+    array), without pickle; raises ScanError naming the file."""
+    path_text, options = _split_source(str(source))
+    path = Path(path_text).expanduser()
+    if path.suffix.lower() not in NUMPY_SUFFIXES:
+        raise ScanError(f"{source}: a measured sinogram must be a .npy or .npz file")
+    if not path.is_file():
+        raise ScanError(f"{path}: no such file")
+    where = str(path)
+    loaded = _np_load(path, where)
+    if isinstance(loaded, np.ndarray):
+        _no_options(options, where)
+        arr = loaded
+    else:
+        with loaded:
+            _no_options(options, where, ("key",))
+            keys = list(loaded.files)
+            key = options.get("key") or ("sinogram" if "sinogram" in keys else (keys[0] if len(keys) == 1 else None))
+            if key is None or key not in keys:
+                raise ScanError(f"{source}: expected an array named by '#key=NAME' or 'sinogram'; "
+                                f"found {', '.join(keys) or 'none'}")
+            arr = _npz_member(loaded, key, where)
+    if arr.size == 0 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ScanError(f"{where}: array {arr.dtype} {arr.shape}; expected a non-empty real (views, detectors) "
+                        "sinogram")
+    return arr
 
-    params = dict(task_params or {})
-    if task == "mri" and scan.kspace is not None:
-        # load_scan only passes fully sampled k-space; without an acceleration it would stay
-        # fully sampled, so undersample at the simulated studies' default (4x, see TASK_DEFAULTS)
-        params.setdefault("acceleration", TASK_DEFAULTS["mri"]["acceleration"])
-        ref = scan.reference if reference is None else reference
-        return from_measurements("mri", scan.kspace, params, reference=ref, seed=seed)
-    if scan.image is None:
-        raise ScanError(f"{scan.meta.get('source', 'scan')}: has no image to simulate task {task!r} from")
-    return simulate(task, scan.image, params, seed)
 
-
-__all__ = ["ScanData", "ScanError", "load_scan", "scan_problem", "SKIMAGE_IMAGES", "fft2c", "ifft2c", "rss"]
+__all__ = ["ScanData", "ScanError", "load_scan", "load_array", "check_memory", "available_memory",
+           "SKIMAGE_IMAGES", "fft2c", "ifft2c", "rss"]

@@ -274,7 +274,7 @@ def check_scan_id(scan_id: str, where: str) -> None:
 
 def _expand_scans(entries: list[ScanEntryModel], model: ManifestModel, path: Path, base: Path,
                   field: str = "scans") -> list[ScanSpec]:
-    from recon.problem import TASKS
+    from recon.tasks import TASKS
 
     scans: list[ScanSpec] = []
     origin: dict[str, str] = {}
@@ -294,17 +294,18 @@ def _expand_scans(entries: list[ScanEntryModel], model: ManifestModel, path: Pat
 
 
 def _check_task_params(spec: ScanSpec, where: str) -> None:
-    """Parameter names against recon.simulate's tables (values are checked when a job builds its problem)."""
-    from recon.simulate import MEASURED_DEFAULTS, TASK_DEFAULTS
+    """Parameter names against the task's own tables (recon.tasks); values are checked when a job
+    builds its problem (recon.tasks.check_params could check them here, nothing built)."""
+    from recon.tasks import parameter_names
 
-    table = TASK_DEFAULTS if spec.kind == "simulate" else MEASURED_DEFAULTS
-    if spec.task not in table:
-        raise ManifestError(f"{where}: task {spec.task!r} cannot use {spec.kind} data; expected one of "
-                            f"{', '.join(table)}")
-    unknown = sorted(set(spec.task_params) - set(table[spec.task]))
+    try:
+        names = parameter_names(spec.task, spec.kind)
+    except ValueError as err:
+        raise ManifestError(f"{where}: {err}") from None
+    unknown = sorted(set(spec.task_params) - set(names))
     if unknown:
         raise ManifestError(f"{where}.params: unknown parameter(s) {', '.join(unknown)} for task {spec.task!r} "
-                            f"({spec.kind}); expected any of {', '.join(sorted(table[spec.task]))}")
+                            f"({spec.kind}); expected any of {', '.join(sorted(names))}")
 
 
 def _entry_scans(entry: ScanEntryModel, model: ManifestModel, where: str, base: Path):

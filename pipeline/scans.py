@@ -6,7 +6,6 @@ The one place that turns a `ScanSpec` (a manifest row, or the single-scan CLI's 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,63 +17,42 @@ from pipeline.store import ImageShape
 
 # ---------------------------------------------------------------------------------------------
 def load(spec: ScanSpec):
-    """The scan's data (pipeline.io): gray unless the task takes colour (natural-image tasks)."""
-    from pipeline.io import load_scan
+    """The scan's data (pipeline.io): gray unless the task takes colour (natural-image tasks);
+    a measured CT sinogram as raw numbers (not an image to normalise)."""
+    from pipeline.io import load_array, load_scan
+    from recon.tasks import get_task
 
-    gray = not spec.color or spec.task in ("mri", "ct")
+    if spec.kind == "measured" and spec.task == "ct":
+        return load_array(spec.source)
+    gray = not spec.color or get_task(spec.task).gray_only
     return load_scan(spec.source, size=spec.size, grayscale=gray)
 
 
 def build_problem(spec: ScanSpec, seed: int, data=None):
-    """A recon.Problem for this scan: simulated from the ground truth, or from measured data.
-    Its random draws (noise, masks, coil maps) come from (scan id, seed): no two scans share one."""
-    from recon import simulate as sim
+    """The recon.Problem for this scan: simulated from its ground-truth image, or from its
+    measured data (fastMRI k-space, a CT sinogram) with an optional reference image. The one
+    path from a scan to a problem, for the worker, the driver and `dipcohort recon`.
+    Its random draws (noise, masks, MRI phase maps) come from (scan id, seed): no two scans share one,
+    and every solver of a scan and seed sees the same measurements."""
+    from pipeline.io import ScanError, load_scan
     from recon.rng import measurement_seed
+    from recon.tasks import from_measurements, simulate
 
     seed = measurement_seed(spec.id, seed)
+    data = load(spec) if data is None else data
+    params = dict(spec.task_params)
     if spec.kind == "simulate":
-        data = load(spec) if data is None else data
-        return sim.simulate(spec.task, data.image, dict(spec.task_params), seed)
+        if data.image is None:
+            raise ScanError(f"{spec.source}: has no image to simulate task {spec.task!r} from")
+        return simulate(spec.task, data.image, params, seed)
     reference = None
     if spec.reference:
-        from pipeline.io import load_scan
-
         reference = load_scan(spec.reference, size=spec.size, grayscale=True).image
-    if spec.task == "ct":  # a post-log sinogram: raw numbers, not an image to normalise
-        measured = load_array(spec.source) if data is None else data
-    else:  # fastMRI k-space (ScanData with kspace and its reference)
-        measured = load(spec) if data is None else data
-    if spec.task == "mri" and getattr(measured, "kspace", None) is not None:
-        # the same problem the single-scan CLI builds (default acceleration included)
-        from pipeline.io import scan_problem
-
-        return scan_problem(measured, "mri", dict(spec.task_params), seed, reference=reference)
-    return sim.from_measurements(spec.task, measured, dict(spec.task_params), reference=reference, seed=seed)
-
-
-def load_array(source: str) -> np.ndarray:
-    """A measured array (CT sinogram) from .npy or .npz (`FILE.npz#key=NAME`), without pickle."""
-    file, _, fragment = source.partition("#")
-    path = Path(file)
-    if path.suffix.lower() not in (".npy", ".npz"):
-        raise ValueError(f"{source}: a measured sinogram must be a .npy or .npz file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    loaded = np.load(path, allow_pickle=False)
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        key = fragment.removeprefix("key=") or ("sinogram" if "sinogram" in loaded.files else None)
-        if key is None and len(loaded.files) == 1:
-            key = loaded.files[0]
-        if key not in loaded.files:
-            raise ValueError(f"{source}: expected an array named by '#key=NAME' or 'sinogram'; "
-                             f"found {', '.join(loaded.files)}")
-        return loaded[key]
+    return from_measurements(spec.task, data, params, reference=reference, seed=seed)
 
 
 def image_shape(problem) -> ImageShape:
-    from recon.simulate import degraded_image
+    from recon.tasks import degraded_image
 
     _, c, h, w = problem.image_shape
     return ImageShape(channels=int(c), display_channels=int(degraded_image(problem).shape[1]),
@@ -87,11 +65,8 @@ def probe_shapes(scans: Sequence[ScanSpec], threads: int = 4) -> dict[str, Image
     Scans are loaded in a few threads (I/O bound); a problem is built once per distinct
     (task, params, kind, array shapes), since the shape depends on nothing else.
     """
-    def loaded(spec: ScanSpec):
-        return load_array(spec.source) if spec.kind == "measured" and spec.task == "ct" else load(spec)
-
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        data = list(pool.map(loaded, scans))
+        data = list(pool.map(load, scans))
     by_signature: dict[str, ImageShape] = {}
     out: dict[str, ImageShape] = {}
     for spec, d in zip(scans, data):

@@ -151,7 +151,7 @@ def _heartbeat(writer: JobWriter, every_s: float | None = None):
 
 def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog,
              stop: StopCheck) -> str:
-    from recon.simulate import degraded_image
+    from recon.tasks import degraded_image
     from recon.rng import solver_seed
     from recon.solvers import run_solver
 

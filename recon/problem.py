@@ -8,8 +8,6 @@ import torch
 
 from recon.operators.base import LinearOperator, Operator
 
-TASKS = ("denoise", "inpaint", "deblur", "sr", "mri", "ct")
-
 
 @dataclass
 class Problem:
@@ -35,7 +33,8 @@ class Problem:
     measurement_scale: float = 1.0  # c = ||physical A||: physical y = c * measurements
     # (H, W) region the papers score inside (CT: the reconstruction disc); None = whole frame
     metric_mask: torch.Tensor | None = None
-    noise_sigma: float | None = None  # measurement noise std on the image scale, if known
+    default_input: str = "measurements"  # what initial_image('auto') gives (the task's choice)
+    noise_sigma: float | None = None  # noise std of the physical measurements, if known
     meta: dict = field(default_factory=dict)
 
     @property
@@ -48,7 +47,8 @@ class Problem:
 
     @property
     def is_complex(self) -> bool:
-        return self.task == "mri"
+        """Complex images as 2 real channels (MRI): the measurements are complex."""
+        return self.channels == 2 and self.measurements.is_complex()
 
     def to(self, device: torch.device | str) -> "Problem":
         dev = torch.device(device)
@@ -125,11 +125,11 @@ class Problem:
 
     @torch.no_grad()
     def initial_image(self, kind: str) -> torch.Tensor:
-        """Image-shaped network input: 'auto' (the task's default: A^H y for MRI and CT as in the
-        aSeqDIP paper, Sec. 3.2, with the unit-norm A; y for restoration), 'adjoint' (A^H y),
-        'fbp' (CT) or 'measurements' (y)."""
+        """Image-shaped network input: 'auto' (the task's default, `default_input`: A^H y for MRI
+        and CT as in the aSeqDIP paper, Sec. 3.2, with the unit-norm A; y for restoration),
+        'adjoint' (A^H y), 'fbp' (CT) or 'measurements' (y)."""
         if kind == "auto":
-            kind = {"mri": "adjoint", "ct": "adjoint"}.get(self.task, "measurements")
+            kind = self.default_input
         if kind == "adjoint":
             return self.adjoint_image()
         if kind == "fbp":

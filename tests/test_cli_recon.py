@@ -174,3 +174,53 @@ def test_argparse_rejects_unknown_task(capsys):
         main(["recon", "--task", "xray", "--image", "skimage:camera", "--solver", "dip"])
     assert exc.value.code == 2
     assert "invalid choice: 'xray'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cut, message", [(0, "empty file"), (200, "truncated")])
+def test_bad_scan_files_exit_2_naming_the_file(tmp_path, capsys, cut, message):
+    full = tmp_path / "full.npy"
+    np.save(full, np.ones((32, 32), np.float32))
+    bad = tmp_path / "scan.npy"
+    bad.write_bytes(full.read_bytes()[:cut])  # an empty file, a header without its data
+    rc = main(["recon", "--task", "denoise", "--image", str(bad), "--solver", "dip", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "scan.npy" in err and message in err and "Traceback" not in err
+
+
+def test_truncated_npz_exit_2_naming_the_file(tmp_path, capsys):
+    good = tmp_path / "good.npz"
+    np.savez(good, image=np.random.default_rng(0).random((32, 32)))
+    bad = tmp_path / "scan.npz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    rc = main(["recon", "--task", "denoise", "--image", str(bad), "--solver", "dip", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "scan.npz" in err and "truncated" in err and "Traceback" not in err
+
+
+def test_huge_size_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    import pipeline.io as io
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the image was loaded")
+
+    monkeypatch.setattr(io, "_load_skimage", no_allocation)
+    monkeypatch.setattr(io, "available_memory", lambda: 16 * 2 ** 30)
+    rc = main(["recon", "--task", "denoise", "--image", "skimage:camera", "--size", "100000", "--solver", "dip",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--size 100000" in err and "GiB" in err and "16.0 GiB" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    rc = main(["recon", "--task", "denoise", "--image", "skimage:camera", "--size", "32", "--solver", "dip",
+               "--steps", "2", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not a folder" in err
+    assert out.read_text() == "not a folder"

@@ -377,3 +377,35 @@ def test_hash_inside_a_real_file_name_is_not_a_selector(tmp_path):
     img = _gradient()
     np.save(tmp_path / "scan#1.npy", img)
     np.testing.assert_allclose(load_scan(str(tmp_path / "scan#1.npy")).image, img, atol=1e-7)
+
+
+def test_empty_and_truncated_numpy_files_name_the_file(tmp_path):
+    from pipeline.io import load_array
+
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    good = tmp_path / "good.npz"
+    np.savez(good, sinogram=np.ones((8, 16)))
+    truncated = tmp_path / "cut.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    np.save(tmp_path / "full.npy", np.ones((32, 32), np.float32))
+    short = tmp_path / "short.npy"
+    short.write_bytes((tmp_path / "full.npy").read_bytes()[:200])
+    for path, message in ((empty, "empty file"), (truncated, "truncated"), (short, "truncated")):
+        for loader in (load_scan, load_array):
+            with pytest.raises(ScanError, match=message) as err:
+                loader(str(path))
+            assert str(path) in str(err.value)
+    np.testing.assert_array_equal(load_array(str(good)), np.ones((8, 16)))
+    with pytest.raises(ScanError, match="'#key=NAME' or 'sinogram'"):
+        np.savez(tmp_path / "two.npz", a=np.ones(3), b=np.ones(3))
+        load_array(str(tmp_path / "two.npz"))
+
+
+def test_size_is_checked_against_available_memory(monkeypatch):
+    import pipeline.io as io
+
+    monkeypatch.setattr(io, "available_memory", lambda: 2 ** 30)
+    with pytest.raises(ScanError, match="size 100000 px needs about 111.8 GiB"):
+        load_scan("skimage:camera", size=100000)
+    assert load_scan("skimage:camera", size=64).image.shape == (64, 64)

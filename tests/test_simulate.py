@@ -1,4 +1,4 @@
-"""recon.simulate: deterministic problems per task, noise levels, masks, measured data, errors."""
+"""recon.tasks: deterministic problems per task, noise levels, masks, measured data, errors."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 from recon.operators import (LinearOperator, MultiCoilMRI, RayTransform, SaturatedBlur, birdcage_sensitivities,
                              equispaced_mask, fft2c)
 from recon.problem import Problem
-from recon.simulate import TASK_DEFAULTS, degraded_image, from_measurements, simulate
+from recon.tasks import degraded_image, from_measurements, get_task, simulate
 
 torch.set_num_threads(1)
 
@@ -90,7 +90,7 @@ def test_denoise_noise_std_matches_sigma():
         assert float(noise.std()) == pytest.approx(sigma / 255, rel=0.05)
         assert abs(float(noise.mean())) < 0.1 * sigma / 255
         assert p.noise_sigma == pytest.approx(sigma / 255)
-    assert TASK_DEFAULTS["denoise"]["sigma"] == 25
+    assert get_task("denoise").defaults["sigma"] == 25
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25])
@@ -252,7 +252,7 @@ def test_measured_mri_infers_its_mask(gray):
 
 def test_measured_mri_fully_sampled_ground_truth_is_consistent(gray):
     """Without a reference, fully sampled data give the coil-combined image as ground truth."""
-    p = from_measurements("mri", _fastmri_like(gray), {})
+    p = from_measurements("mri", _fastmri_like(gray), {"acceleration": None})  # kept fully sampled
     assert p.meta["ground_truth"] == "coil-combined fully sampled image"
     magnitude = p.display(p.ground_truth)[0, 0]
     assert float(magnitude.max()) == pytest.approx(1.0) == pytest.approx(p.data_range)
@@ -283,7 +283,7 @@ def test_measured_mri_errors(gray):
         from_measurements("mri", _fastmri_like(gray), {}, reference=gray[:16])
     with pytest.raises(ValueError, match="unknown parameter"):
         from_measurements("mri", _fastmri_like(gray), {"views": 3})
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="cannot use measured data"):
         from_measurements("denoise", gray, {})
 
 
@@ -300,3 +300,15 @@ def test_measured_ct(gray):
         from_measurements("ct", sino, {"angles": [0.0, 90.0]})
     with pytest.raises(ValueError, match="views, detectors"):
         from_measurements("ct", sino[None], {})
+
+
+def test_measured_mri_auto_acceleration_undersamples_fully_sampled_data_only(gray):
+    """'auto' (the default): fully sampled k-space (fastMRI train/val) at the simulated default 4x;
+    already undersampled k-space keeps its own mask."""
+    full = from_measurements("mri", _fastmri_like(gray), {}, seed=0)
+    assert full.meta["params"]["acceleration"] == 4
+    assert full.meta["acceleration_effective"] == pytest.approx(4, rel=0.15)
+    mask = equispaced_mask(32, 4, seed=0)
+    own = from_measurements("mri", _fastmri_like(gray) * mask.numpy(), {})
+    assert own.meta["params"]["acceleration"] is None
+    assert torch.equal(own.operator.mask[0, 0, 0].bool(), mask)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from skimage import data, restoration, transform
 
-from recon.simulate import simulate
+from recon.tasks import simulate
 from recon.solvers import get_solver, run_solver, solver_names
 from recon.solvers.base import make_params
 from recon.solvers.common import divergence, gradient, tv_norm

@@ -11,7 +11,7 @@ import torch
 from skimage import data, transform
 
 from recon.metrics import psnr
-from recon.simulate import simulate
+from recon.tasks import simulate
 from recon.solvers import run_solver
 
 torch.set_num_threads(1)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from recon.operators import LinearOperator, dot_product_test
-from recon.simulate import TASK_DEFAULTS, simulate
+from recon.tasks import TASKS, check_params, from_measurements, get_task, metric_definition, simulate
 
 torch.set_num_threads(1)
 
-TASK_NAMES = sorted(TASK_DEFAULTS)
+TASK_NAMES = list(TASKS)
 
 
 def _image(size: int, task: str = "") -> np.ndarray:
@@ -190,3 +190,81 @@ def test_mri_noisy_preset_has_its_stated_snr():
 def test_bad_presets_name_the_parameter(task, params, match):
     with pytest.raises(ValueError, match=match):
         simulate(task, _image(32), params, seed=0)
+
+
+# ----------------------------------------------------------------------------- the registry
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_every_task_states_its_metrics_input_and_degraded_image(task):
+    t = get_task(task)
+    assert len(metric_definition(task)) > 40 and "data range" in metric_definition(task)
+    p = simulate(task, _image(32, task), {}, seed=0)
+    assert p.default_input == t.default_input
+    auto = p.initial_image("auto")
+    assert auto.shape == p.image_shape and torch.isfinite(auto).all()
+    if task in ("mri", "ct", "sr"):  # the aSeqDIP paper's z0 = A^H y (sr: y is not image-shaped)
+        torch.testing.assert_close(auto, p.operator.adjoint(p.measurements))
+    else:
+        torch.testing.assert_close(auto, p.measurements)
+    shown = get_task(task).degraded_image(p)
+    assert tuple(shown.shape) == (1, 1, 32, 32) and torch.isfinite(shown).all()
+    # the degraded image is on the image's scale (FBP, zero-filled, upsampled low-res, y itself)
+    assert float(shown.mean()) == pytest.approx(float(p.display(p.ground_truth).mean()), rel=0.35)
+    assert set(p.score(p.ground_truth)) >= {"psnr", "ssim"}
+    assert float(p.score(p.ground_truth, with_ssim=True)["ssim"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_same_seed_same_problem(task):
+    a = simulate(task, _image(32, task), NOISY[task], seed=3)
+    b = simulate(task, _image(32, task), NOISY[task], seed=3)
+    assert torch.equal(a.measurements, b.measurements) and a.measurement_scale == b.measurement_scale
+    assert not torch.equal(a.measurements, simulate(task, _image(32, task), NOISY[task], seed=4).measurements)
+
+
+@pytest.mark.parametrize("task,kind,params,match", [
+    ("denoise", "simulate", {"sigma": -1}, "'sigma'"),
+    ("denoise", "simulate", {"sigmaa": 1}, "sigmaa"),
+    ("inpaint", "simulate", {"hole_ratio": 1.5}, "'hole_ratio'"),
+    ("deblur", "simulate", {"kernel_size": 4}, "'kernel_size'"),
+    ("deblur", "simulate", {"nonlinear": "yes"}, "'nonlinear'"),
+    ("sr", "simulate", {"factor": 1}, "'factor'"),
+    ("mri", "simulate", {"acceleration": 0.5}, "'acceleration'"),
+    ("mri", "simulate", {"mask": "spiral"}, "'mask'"),
+    ("ct", "simulate", {"views": 0}, "'views'"),
+    ("ct", "simulate", {"filter": "gauss"}, "'filter'"),
+    ("ct", "measured", {"pixel_size": 0}, "'pixel_size'"),
+    ("ct", "measured", {"angles": ["a"]}, "'angles'"),
+    ("mri", "measured", {"sensitivities": "magic"}, "'sensitivities'"),
+    ("denoise", "measured", {}, "cannot use measured data"),
+])
+def test_check_params_names_the_bad_parameter_without_building(task, kind, params, match, monkeypatch):
+    monkeypatch.setattr(get_task(task), "build", None)  # nothing may be built
+    with pytest.raises(ValueError, match=match):
+        check_params(task, params, kind)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_check_params_gives_the_parameters_in_force(task):
+    p = check_params(task, {}, "simulate")
+    assert set(p) == set(get_task(task).defaults)
+    assert simulate(task, _image(32, task), {}, seed=0).meta["params"] == p
+
+
+def test_cli_options_belong_to_their_tasks():
+    from recon.tasks import cli_options
+
+    options = cli_options()
+    assert options["sigma"][1] == ("denoise", "inpaint", "deblur", "sr")
+    assert options["preset"][1] == ("mri", "ct")
+    for name, (_, tasks) in options.items():
+        for task in tasks:
+            assert name in get_task(task).defaults, (name, task)
+
+
+def test_measured_ct_sinogram_keeps_its_physical_scale():
+    sim = simulate("ct", _image(32, "ct"), {"views": 12}, seed=0)
+    sino = sim.physical_measurements()[0, 0].numpy()
+    p = from_measurements("ct", sino, {}, reference=sim.ground_truth[0, 0].numpy())
+    assert p.measurement_scale == pytest.approx(sim.measurement_scale)
+    torch.testing.assert_close(p.fbp_image(), sim.fbp_image())
+    assert p.metric_mask is not None and p.data_range == pytest.approx(sim.data_range)

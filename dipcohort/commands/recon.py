@@ -17,50 +17,19 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UsageError
-
-TASKS = ("denoise", "inpaint", "deblur", "sr", "mri", "ct")
-
-# task option dest -> the tasks it applies to; values reach recon.simulate under the same name
-# (only the options the user gave: the defaults, with their paper citations, live in recon.simulate)
-TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "sigma": ("denoise", "inpaint", "deblur", "sr"),
-    "hole_ratio": ("inpaint",),
-    "missing": ("inpaint",),
-    "kernel": ("deblur",),
-    "nonlinear": ("deblur",),
-    "factor": ("sr",),
-    "acceleration": ("mri",),
-    "coils": ("mri",),
-    "mask": ("mri",),
-    "center_fraction": ("mri",),
-    "views": ("ct",),
-    "photons": ("ct",),
-}
+from recon.tasks import cli_options, task_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("recon", help="reconstruct one scan with one solver",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=task_names())
     p.add_argument("--image", required=True, metavar="SRC",
                    help="skimage:NAME, an image / .npy / .npz / DICOM path, or FILE.h5#slice=K (fastMRI)")
     p.add_argument("--size", type=int, default=None, metavar="PX", help="resize to PX x PX (square crop first)")
     p.add_argument("--color", action="store_true",
                    help="keep RGB (denoise, inpaint, deblur, sr); gray by default")
-    t = p.add_argument_group("task options (defaults: recon.simulate)")
-    t.add_argument("--sigma", type=float, help="noise std on the 0-255 scale (denoise; also inpaint, deblur, sr)")
-    t.add_argument("--hole-ratio", type=float, help="inpaint: central hole area / image area")
-    t.add_argument("--missing", type=float, help="inpaint: fraction of randomly missing pixels")
-    t.add_argument("--kernel", choices=("gaussian", "motion"), help="deblur: blur kernel")
-    t.add_argument("--nonlinear", action="store_true", default=None,
-                   help="deblur: blur followed by a pointwise saturation")
-    t.add_argument("--factor", type=int, help="sr: downsampling factor (2 or 4)")
-    t.add_argument("--acceleration", type=int, help="mri: undersampling factor (e.g. 4, 8)")
-    t.add_argument("--coils", type=int, help="mri: simulated coils (ignored for measured k-space)")
-    t.add_argument("--mask", choices=("equispaced", "random"), help="mri: sampling pattern")
-    t.add_argument("--center-fraction", type=float, help="mri: fully sampled centre fraction")
-    t.add_argument("--views", type=int, help="ct: number of projection angles over 180 degrees")
-    t.add_argument("--photons", type=float, help="ct: incident photons per ray (Poisson noise); none = noise-free")
+    _add_task_options(p.add_argument_group("task options (defaults and their sources: recon/tasks/)"))
     s = p.add_argument_group("solver")
     s.add_argument("--solver", required=True, metavar="NAME")
     s.add_argument("--steps", type=int, default=None, help="optimiser updates (default: the solver's)")
@@ -104,10 +73,20 @@ def _looks_numeric(text: str) -> bool:
     return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
+def _add_task_options(group) -> None:
+    """Each task's options (recon.tasks: one home per task), once per name."""
+    for name, (opt, tasks) in cli_options().items():
+        flag = "--" + name.replace("_", "-")
+        if opt.type is None:
+            group.add_argument(flag, dest=name, action="store_true", default=None, help=opt.help)
+        else:
+            group.add_argument(flag, dest=name, type=opt.type, choices=opt.choices or None, help=opt.help)
+
+
 def task_params(args: argparse.Namespace) -> dict[str, Any]:
     """The task options the user gave, checked against the task."""
     out: dict[str, Any] = {}
-    for dest, tasks in TASK_OPTIONS.items():
+    for dest, (_, tasks) in cli_options().items():
         value = getattr(args, dest)
         if value is None:
             continue
@@ -123,6 +102,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.size is not None and args.size < 8:
         raise UsageError(f"--size must be >= 8 pixels, got {args.size}")
+    if args.size is not None:
+        from pipeline.io import ScanError, check_memory
+
+        try:  # before anything allocates the image
+            check_memory(args.size, 3 if args.color else 1)
+        except ScanError as err:
+            raise UsageError(f"--size {args.size}: {err}") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; expected a folder for the outputs "
+                         "(created when missing)")
     if args.ssim_every < 0:
         raise UsageError(f"--ssim-every must be >= 0, got {args.ssim_every}")
     if args.color and args.task in ("mri", "ct"):
@@ -151,21 +141,20 @@ def _solver_params(name: str, sets: dict[str, Any]) -> tuple[type, Any]:
 # run
 # ---------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from pipeline.io import ScanError, load_scan, scan_problem
-    from recon.simulate import degraded_image
+    from pipeline.io import ScanError
+    from recon.rng import solver_seed
     from recon.solvers import default_device, run_solver
+    from recon.tasks import degraded_image
 
     _check_args(args)
     tparams = task_params(args)
     sets = parse_sets(args.sets)
     cls, params = _solver_params(args.solver, sets)
-    grayscale = not args.color
     try:
-        scan = load_scan(args.image, size=args.size, grayscale=grayscale)
-        problem = scan_problem(scan, args.task, tparams, seed=args.seed)
+        spec, scan, problem = scan_and_problem(args, tparams)
     except ScanError as err:
         raise UsageError(str(err)) from None
-    except (ValueError, TypeError) as err:  # task options recon.simulate rejects
+    except (ValueError, TypeError) as err:  # task options the task rejects
         raise UsageError(f"--task {args.task}: {err}") from None
     device = args.device or str(default_device())
     steps = cls.default_steps if args.steps is None else args.steps
@@ -173,18 +162,19 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with _ProgressBar(f"{args.solver} {args.task}") as bar:
         try:
-            result = run_solver(args.solver, problem, steps=steps, params=sets, seed=args.seed,
+            result = run_solver(args.solver, problem, steps=steps, params=sets, seed=solver_seed(spec.id, args.seed),
                                 device=device, ssim_every=args.ssim_every, progress=bar.update)
         except (ValueError, FileNotFoundError) as err:
             if bar.task is not None:  # failed mid-run: not a usage problem, keep the traceback
                 raise
             # rejected while setting up: network preset, input kind, warm-start weights file
             raise UsageError(f"solver {args.solver!r}: {err}") from None
-    # the task parameters in force (recon.simulate fills in its defaults) and what the user gave
+    # the task parameters in force (the task fills in its defaults) and what the user gave
     resolved = problem.meta.get("params", tparams)
     info = {"task": args.task, "task_params": resolved, "task_options": tparams, "solver": args.solver,
             "params": dataclasses.asdict(params), "seed": args.seed, "device": device,
-            "source": args.image, "size": args.size, "data_range": problem.data_range, "scan": scan.meta,
+            "source": args.image, "size": args.size, "data_range": problem.data_range,
+            "measurement_scale": problem.measurement_scale, "scan": scan.meta,
             "problem": {k: v for k, v in problem.meta.items() if k != "params"}}
     write_outputs(out, problem, result, _to_display(degraded_image(problem)), info)
     s = result.summary()
@@ -192,6 +182,23 @@ def run(args: argparse.Namespace) -> int:
           f"{s['peak_step']}, final PSNR {_fmt(s['final_psnr'])} dB, SSIM {_fmt(s['final_ssim'], 3)}, "
           f"{s['steps']} steps in {s['runtime_s']:.1f} s -> {out}")
     return 0
+
+
+def scan_and_problem(args: argparse.Namespace, tparams: dict[str, Any]):
+    """The scan as a cohort row would give it (id = the source), and its problem through the one
+    path the worker uses (pipeline.scans.build_problem): same scan and seed, same measurements.
+    A fastMRI file for --task mri is measured k-space; everything else is simulated."""
+    from dataclasses import replace
+
+    from pipeline.jobs import ScanSpec
+    from pipeline.scans import build_problem, load
+
+    spec = ScanSpec(id=args.image, source=args.image, task=args.task, task_params=tparams, size=args.size,
+                    color=args.color)
+    scan = load(spec)
+    if args.task == "mri" and scan.kspace is not None:
+        spec = replace(spec, kind="measured")
+    return spec, scan, build_problem(spec, args.seed, scan)
 
 
 def _fmt(value: float, digits: int = 2) -> str:
