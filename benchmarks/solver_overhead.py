@@ -1,7 +1,7 @@
 """Seconds per step of each network solver next to a bare PyTorch loop with the same network,
 operator and input (plain Adam on 1/2||A f(z) - y||^2, no metrics), and their ratio.
 
-    python benchmarks/solver_overhead.py [--size 64] [--steps 100] [--network skip]
+    python benchmarks/solver_overhead.py [--size 64] [--steps 100] [--network unet]
         [--device cpu|cuda] [--task denoise] [--solvers dip,es-dip,aseqdip,self-guided] [--repeats 3]
 
 The solvers run through `run_solver` exactly as a job does: PSNR every step, SSIM every
@@ -45,9 +45,9 @@ def clock(device: torch.device):
 def bare_loop(problem, network: str, steps: int, seed: int, device: torch.device, lr: float) -> float:
     """Seconds per step of a plain Adam loop: the reference every solver is compared with."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    z = 0.1 * torch.rand((1, 32, *problem.image_shape[2:]), generator=gen, device=device)
+    z = 0.1 * torch.randn(problem.image_shape, generator=gen, device=device)  # vanilla DIP's default input
     torch.manual_seed(seed)
-    net = build_network(network, 32, problem.channels).to(device)
+    net = build_network(network, problem.channels, problem.channels).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     op, y = problem.operator, problem.measurements
 
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
-    ap.add_argument("--network", default="skip", help="network preset for every solver (default: skip, "
-                    "Ulyanov et al.'s 5-scale 128-channel network)")
+    ap.add_argument("--network", default="unet", help="network preset for every solver (default: unet, "
+                    "the CT chapter's U-Net, every network solver's default)")
     ap.add_argument("--task", default="denoise", choices=sorted(TASK_OPTIONS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--solvers", default="dip,es-dip,aseqdip,self-guided,tv-dip,dip-denoiser-admm")
@@ -107,14 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     from skimage import data, transform
     image = transform.resize(data.camera() / 255.0, (args.size, args.size), anti_aliasing=True)
     problem = simulate(args.task, image, TASK_OPTIONS[args.task], seed=0).to(device)
-    net = build_network(args.network, 32, problem.channels)
+    net = build_network(args.network, problem.channels, problem.channels)
     print(f"task {args.task}, {args.size} px, network {args.network} ({count_parameters(net):,} parameters), "
           f"device {device}, {args.steps} steps x {args.repeats} repeats, threads {torch.get_num_threads()}")
     print(f"solvers log loss and terms, PSNR every step, SSIM every {args.ssim_every} steps, moving variance")
 
     times: dict[str, list[float]] = {"bare": []}
     for r in range(args.repeats):
-        times["bare"].append(bare_loop(problem, args.network, args.steps, r, device, lr=1e-2))
+        times["bare"].append(bare_loop(problem, args.network, args.steps, r, device, lr=1e-4))
         for n in names:
             times.setdefault(n, []).append(solver_step(n, problem, args.network, args.steps, r, device,
                                                        args.ssim_every))

@@ -25,7 +25,8 @@ class SelfGuidedParams(NetworkParams):
     # lambda: the chapter's Alg. 7 and the aSeqDIP paper's eq. (2) leave it open (lambda > 0). The
     # chapter's code (selfg_dip.py) weighs 0.01 N_eta sum_i ||f(z + eta_i) - z||^2 against a data
     # term divided by ||A||^4 of its walnut operator (norm not reported): that value does not carry
-    # over. TUNED: 1.0, chosen on tuning images (docs/tuning.md, manifests/tuning/self-guided.yaml).
+    # over. TUNED: 1.0, the best of 0.1 / 1 / 10 on tuning images (docs/tuning.md,
+    # manifests/tuning/weights.yaml).
     lam: float = 1.0
     n_eta: int = 4            # N_eta = 4 noise draws per step: the chapter's code (overeng_rundip.py, selfg_dip.py)
     # eta ~ U(0, m), m = max|z| / 2: the chapter's text, Sec. 4.4 (after Liang et al.); its code

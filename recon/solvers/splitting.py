@@ -80,11 +80,11 @@ class HQSParams(BlockParams):
     # lambda = 0.5 does not: it weighs a per-pixel mean ||x - u||^2 / n against a data term divided
     # by ||A||^4 (power iteration gives ||A||^2, squared again), i.e. our lambda would be
     # 0.5 ||A_walnut||^2 / 501^2 with a norm the code does not report.
-    # TUNED: lambda = 0.01 (the last mu_k = 1, the DIP-ADMM thesis' rho = 1, Sec. 3.3), kept after
-    # a sweep on tuning images (docs/tuning.md, manifests/tuning/tv-dip-hqs.yaml).
+    # TUNED: lambda = 0.1 (mu_k from 0.2 to 10), the best of 0.001 / 0.01 / 0.1 / 1 on tuning images
+    # (docs/tuning.md; manifests/tuning/weights.yaml and weights-extension.yaml).
     alpha_start: float = 0.5
     alpha_end: float = 0.01
-    lam: float = 0.01
+    lam: float = 0.1
     # alpha_k is the prox weight: the TV weight for 'tv'; for a Gaussian denoiser (nlm, bm3d) the
     # prox of weight alpha is denoising at noise variance alpha, so sigma_k = sqrt(alpha_k).
     denoiser: str = "tv"
