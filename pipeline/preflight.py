@@ -53,11 +53,10 @@ def check_manifest(manifest: Manifest, allow_missing: bool = False, threads: int
 
 def _load_all(scans: list[ScanSpec], threads: int) -> tuple[dict, dict[str, str]]:
     def load(spec: ScanSpec):
-        from pipeline.scans import load, load_array
+        from pipeline.scans import load  # a measured CT sinogram as raw numbers, an image otherwise
 
         try:
-            return spec.id, (load_array(spec.source) if spec.kind == "measured" and spec.task == "ct"
-                             else load(spec)), None
+            return spec.id, load(spec), None
         except Exception as err:  # noqa: BLE001 - any failure to read the file is the file's problem
             return spec.id, None, f"{type(err).__name__}: {err}"
 
