@@ -1,7 +1,11 @@
-"""The driver of a cohort run: create or reopen the store, probe shapes, place late jobs, run, summarize.
+"""The driver of a cohort run: check, take the lease, create or reopen the store, run, summarize.
 
 The command line (`dipcohort run`, `dipcohort demo`), tests and benchmarks call these steps; the
-backend that runs the jobs is built by the caller (pipeline never imports schedulers) and handed in.
+backend that runs the jobs is built by the caller (pipeline never imports schedulers) and handed in,
+with the job function it runs (`pipeline.worker.run_job`). Nothing is written before the manifest,
+its scans and solver configurations (`pipeline.preflight`) and the backend (`backend.preflight`)
+are checked; one driver at a time holds the store (`pipeline.lease`); SIGINT / SIGTERM stop the
+running jobs at a step boundary and are recorded, a second signal stops at once.
 """
 from __future__ import annotations
 
@@ -47,12 +51,12 @@ def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: b
     backend.preflight(manifest.jobs)  # cheap: before loading every scan
     check = None if existing else check_manifest(manifest, allow_missing=allow_missing)
     with Lease(out, stale_after=stale_after or STALE_AFTER_S).acquire(wait=wait_lock) as lease:
-        if lease.taken_over or lease.stale_reason:
+        if lease.took_over:
             print(f"took over the lease of a driver that is gone ({lease.stale_reason}"
                   f"{'; it was ' + lease.taken_over.describe() if lease.taken_over else ''})", file=stream)
         with _signals_stop(out, backend) as stopping:
             jobs = _open_or_create(out, manifest, check, stream)
-            if lease.taken_over or lease.stale_reason:
+            if lease.took_over:
                 mark_interrupted(out, jobs, "its driver was gone (lease taken over)", stream)
             counts = _run(out, jobs, backend, retry_failed, progress, stream, stopping)
     return counts
@@ -94,7 +98,7 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     if stopping.signum is not None:
         if not backend.detached:
             mark_interrupted(out, todo, f"stopped by signal {stopping.name}", stream=None)
-        counts = summarize(out, stream, elapsed=time.monotonic() - t0)
+        summarize(out, stream, elapsed=time.monotonic() - t0)
         print(f"stopped by {stopping.name}: interrupted jobs continue when you rerun the same command",
               file=sys.stderr)
         raise Interrupted(stopping.signum)

@@ -30,6 +30,9 @@ from pipeline.errors import UsageError
 STALE_AFTER_S = 120.0  # no lease heartbeat for this long: the driver is gone (renewed every RENEW_S)
 RENEW_S = 10.0
 JOB_HEARTBEAT_S = 10.0  # workers renew a running job's ledger heartbeat this often (pipeline.worker)
+# a 'running' job whose ledger heartbeat is older than this has lost its worker (`status`: stale);
+# long steps (a big image on a slow CPU) renew at the first progress call after JOB_HEARTBEAT_S
+JOB_STALE_AFTER_S = 6 * JOB_HEARTBEAT_S
 STOP_POLL_S = 0.5       # workers look for the stop request at most this often (one stat per look)
 
 
@@ -119,7 +122,8 @@ def read_holder(path: Path) -> Holder | None:
 # the lease
 # ---------------------------------------------------------------------------------------------
 class Lease:
-    """`with Lease(store).acquire(wait) as lease:` — `lease.taken_over` is the stale holder replaced, if any."""
+    """`with Lease(store).acquire(wait) as lease:` — `lease.took_over` says a stale lease was replaced,
+    `lease.taken_over` is its holder (None when the file was unreadable), `stale_reason` why."""
 
     def __init__(self, store: str | Path, stale_after: float = STALE_AFTER_S, renew_s: float = RENEW_S):
         self.store = Path(store)
@@ -132,6 +136,11 @@ class Lease:
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def took_over(self) -> bool:
+        """True when a stale lease was replaced (its driver's running jobs are interrupted)."""
+        return bool(self.stale_reason)
 
     # ---- taking it ---------------------------------------------------------------------------
     def acquire(self, wait: float | None = None, poll_s: float = 1.0) -> "Lease":
