@@ -63,8 +63,6 @@ def test_kill_9_while_running_at_random_moments(tmp_path):
     sc.assert_same_results(out, reference)
 
 
-@pytest.mark.xfail(strict=False, reason="atomic store creation (build beside, then rename, or a completion "
-                                        "marker) belongs to the store side of issue 8, on another branch")
 def test_kill_9_while_creating_the_store_at_random_moments(tmp_path):
     rng = random.Random(8)
     manifest = tmp_path / "many.yaml"   # 300 cheap jobs: creating the store takes a moment
