@@ -73,9 +73,9 @@ def run_job(job: Job, store_path: str | Path, device: str | torch.device | None 
 
 
 def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog) -> str:
-    from recon.tasks import degraded_image
     from recon.rng import solver_seed
     from recon.solvers import run_solver
+    from recon.tasks import degraded_image
 
     if not job.image_group:
         raise RuntimeError(f"scan {job.scan.id} could not be loaded when the store was created, so the store has "
@@ -85,7 +85,8 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
     resumed = ckpt.is_file()
     if resumed:
         log.line(f"resuming from checkpoint {ckpt}")
-    result = run_solver(job.solver, problem, steps=job.steps, params=job.params, seed=solver_seed(job.scan.id, job.seed), device=dev,
+    seed = solver_seed(job.scan.id, job.seed)  # input noise and weights per scan, as its measurements
+    result = run_solver(job.solver, problem, steps=job.steps, params=job.params, seed=seed, device=dev,
                         ssim_every=job.ssim_every, checkpoint_path=ckpt if job.checkpoint_every else None,
                         checkpoint_every=job.checkpoint_every, progress=None)
     writer.metrics(result.history)
