@@ -151,9 +151,9 @@ def _heartbeat(writer: JobWriter, every_s: float | None = None):
 
 def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWriter, log: JobLog,
              stop: StopCheck) -> str:
-    from recon.tasks import degraded_image
     from recon.rng import solver_seed
     from recon.solvers import run_solver
+    from recon.tasks import degraded_image
 
     if not job.image_group:
         raise RuntimeError(f"scan {job.scan.id} could not be loaded when the store was created, so the store has "

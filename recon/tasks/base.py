@@ -228,6 +228,9 @@ def as_reference(reference, shape, where: str) -> torch.Tensor | None:
 # restoration tasks share one noise parameter and one scoring convention
 RESTORATION_METRICS = ("PSNR and SSIM over the whole image, all channels, data range 1 (images in [0, 1]); "
                        "SSIM with scikit-image's defaults (7x7 uniform window).")
+# one --preset flag for the tasks with named noise settings (each checks its own names)
+PRESET_OPTION = CliOption("preset", str, "named noise setting: mri noise-free | noisy, ct noise-free | low-dose",
+                          ("noise-free", "noisy", "low-dose"))
 SIGMA_OPTION = CliOption("sigma", float, "noise std on the 0-255 scale (denoise; also inpaint, deblur, sr)")
 
 

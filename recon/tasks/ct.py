@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from recon.operators import ct as ct_ops
-from recon.tasks.base import CliOption, Task, as_reference, boolean, choice, gaussian, generator, number
+from recon.tasks.base import PRESET_OPTION, CliOption, Task, as_reference, boolean, choice, gaussian, generator, number
 
 SIMULATED_DEFAULTS = {
     # named noise setting (PRESETS below)
@@ -65,8 +65,7 @@ class CT(Task):
     cli_options = (
         CliOption("views", int, "ct: number of projection angles over 180 degrees"),
         CliOption("photons", float, "ct: incident photons per ray (Poisson noise); none = noise-free"),
-        CliOption("preset", str, "named noise setting: mri noise-free | noisy, ct noise-free | low-dose",
-                  ("noise-free", "noisy", "low-dose")),
+        PRESET_OPTION,
     )
 
     # ---- parameters ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from recon.operators import mri as mri_ops
-from recon.tasks.base import CliOption, Task, as_reference, boolean, choice, generator, number, optional_number
+from recon.tasks.base import (PRESET_OPTION, CliOption, Task, as_reference, boolean, choice, generator, number,
+                              optional_number)
 
 SIMULATED_DEFAULTS = {
     # named noise setting (PRESETS below)
@@ -68,8 +69,7 @@ class MRI(Task):
         CliOption("coils", int, "mri: simulated coils (ignored for measured k-space)"),
         CliOption("mask", str, "mri: sampling pattern", ("equispaced", "random")),
         CliOption("center_fraction", float, "mri: fully sampled centre fraction"),
-        CliOption("preset", str, "named noise setting: mri noise-free | noisy, ct noise-free | low-dose",
-                  ("noise-free", "noisy", "low-dose")),
+        PRESET_OPTION,
     )
 
     # ---- parameters ---------------------------------------------------------------------------
