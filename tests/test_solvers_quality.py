@@ -1,13 +1,17 @@
-"""Small quality sanity checks at 64 px on the CPU (a few hundred steps each).
+"""Quality checks on the CPU, at the papers' settings where a test's budget allows.
 
-They check that the solvers reconstruct, not the papers' numbers: the papers run thousands of
-steps of much larger networks on 256-512 px images. The 2-scale 8-channel `tiny` network keeps
-each check to a few CPU seconds.
+The papers' settings: Adam lr 1e-4 (the CT chapter's code for every method; aSeqDIP paper
+Sec. 4.1), aSeqDIP N = 2 and lambda = 1, on the shared U-Net (here `unet-small`, the chapter's
+U-Net at CPU scale). The papers run 4,000-10,000 steps on 256-512 px images; these run 32-64 px
+and a few hundred steps, so they check what holds at that scale, not the papers' numbers.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from skimage import data, transform
 
 from recon.metrics import psnr
@@ -17,10 +21,14 @@ from recon.solvers import run_solver
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
 
+DEMO = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
 
-def image64(name: str):
-    src = data.camera() / 255.0 if name == "camera" else data.shepp_logan_phantom()
-    return transform.resize(src, (64, 64), anti_aliasing=True).clip(0.0, 1.0)
+
+def image(name: str, size: int):
+    src = data.shepp_logan_phantom() if name == "shepp" else getattr(data, name)()
+    if src.ndim == 3:
+        src = src[..., :3].mean(axis=-1)
+    return transform.resize(src / src.max(), (size, size), anti_aliasing=True).clip(0.0, 1.0)
 
 
 def quality(problem, image) -> float:
@@ -28,29 +36,81 @@ def quality(problem, image) -> float:
     return float(psnr(problem.display(image), ref, problem.data_range))
 
 
-def test_dip_denoises_sigma25():
-    problem = simulate("denoise", image64("camera"), {"sigma": 25}, seed=0)
+def run(name, problem, steps, **params):
+    return run_solver(name, problem, steps=steps, params={"network": "unet-small", **params}, seed=0,
+                      device="cpu", ssim_every=0)
+
+
+# ---- at the papers' settings ---------------------------------------------------------------------
+def test_dip_denoises_sigma25_at_the_papers_lr():
+    problem = simulate("denoise", image("camera", 32), {"sigma": 25}, seed=0)
     noisy = quality(problem, problem.measurements)
-    res = run_solver("dip", problem, steps=150, params={"network": "tiny"}, seed=0, device="cpu", ssim_every=0)
+    res = run("dip", problem, 150)   # measured: peak 25.5 dB at step 76, noisy 20.3 dB
     assert res.peak_psnr >= noisy + 4.0, (res.peak_psnr, noisy)
-    assert 0 <= res.peak_step < 150
+    assert 20 <= res.peak_step < 150
 
 
-# aSeqDIP's paper settings (Adam lr 1e-4, N = 2, 4000 steps, a large U-Net) need thousands of steps.
-# For a few hundred steps of a tiny network we raise the learning rate and lengthen the blocks:
-# with N = 2 the input z_k = f(z_{k-1}) moves on before the network has fitted it, so a short run
-# keeps replacing a good input (FBP, A^H y) with a worse output. lambda stays at the paper's 1.
+def test_aseqdip_denoises_sigma25_at_the_papers_settings():
+    """lr 1e-4, N = 2, lambda = 1 (Sec. 4.1). Measured at 32 px: peak 26.2 dB at step 145, 24.7 dB
+    after 300 steps (noisy 20.3): it ends well above the noisy image, but 1.4 dB below its peak,
+    not within the 0.5 dB of the paper's Fig. 4 (which runs 512 px images)."""
+    problem = simulate("denoise", image("camera", 32), {"sigma": 25}, seed=0)
+    noisy = quality(problem, problem.measurements)
+    res = run("aseqdip", problem, 200)
+    assert res.final_psnr >= noisy + 3.0, (res.final_psnr, noisy)
+    assert res.peak_psnr - res.final_psnr < 2.0, (res.peak_psnr, res.final_psnr)
+
+
+# ---- early stopping at the demo's scale ------------------------------------------------------------
+def demo_es_params() -> dict:
+    manifest = yaml.safe_load(DEMO.read_text())
+    (entry,) = [s for s in manifest["solvers"] if s["name"] == "es-dip"]
+    return dict(entry["params"]), manifest["steps"], manifest["size"]
+
+
+@pytest.mark.parametrize("name", ["camera", "astronaut"])   # the demo's denoising scans
+def test_es_dip_window_fills_before_the_peak_at_demo_scale(name):
+    params, steps, size = demo_es_params()
+    problem = simulate("denoise", image(name, size), {"sigma": 25}, seed=0)
+    res = run_solver("es-dip", problem, steps=steps, params=params, seed=0, device="cpu", ssim_every=0)
+    assert params["variance_window"] - 1 < res.peak_step, (params, res.peak_step)
+    assert res.es_step >= 0
+
+
+# Known failure, kept visible (strict: it flags when it starts to pass). At lr 1e-4 on 32 px the
+# moving variance decreases monotonically over the whole run (measured on camera: 5.7e-2 at step
+# 60, 1.1e-2 at 100, 2.3e-3 at 300), as Wang et al.'s Theorem predicts for a small learning rate
+# (tutorial Sec. III-B), so ES-WMV keeps the last iterate: 22.1 dB against a 25.5 dB peak. At lr
+# 1e-3 / 3e-3 the network fits the noisy image within ~100 steps and the variance decays to 0.
+@pytest.mark.xfail(strict=True, reason="ES-WMV's variance has no minimum near the peak at demo scale "
+                                       "(monotone at lr 1e-4); see the comment above")
+@pytest.mark.parametrize("name", ["camera", "astronaut"])
+def test_es_dip_stops_within_1db_of_the_peak_at_demo_scale(name):
+    params, steps, size = demo_es_params()
+    problem = simulate("denoise", image(name, size), {"sigma": 25}, seed=0)
+    res = run_solver("es-dip", problem, steps=steps, params=params, seed=0, device="cpu", ssim_every=0)
+    assert res.es_psnr >= res.peak_psnr - 1.0, (res.es_psnr, res.peak_psnr, res.es_step, res.peak_step)
+
+
+# ---- CT and MRI: the budget does not allow the papers' lr ------------------------------------------
+# At lr 1e-4 and 300 steps of unet-small (32 px) aSeqDIP is still far from fitted: CT 10.1 dB
+# against FBP 28.0 (its sigmoid output starts at 0.5 everywhere, the zero region outside the disc
+# included, scored on the full frame on this branch), MRI 14.5 dB against zero-filled 17.2 dB.
+# These tests keep lambda = 1 and raise the lr and the block length so that a few hundred steps of
+# the 2-scale `tiny` network reach the regime; with N = 2 the input z_k = f(z_{k-1}) moves on
+# before the network has fitted it, so a short run keeps replacing a good input with a worse output.
+# RE-CHECK AFTER MERGE (issue 7, problem side): these thresholds were set with the un-normalised
+# ray transform (||A||^2 ~ 1000 at 64 px: the data term dwarfs lambda = 1), the FBP input and
+# full-frame scoring; with ||A|| = 1, z0 = A^H y and disc scoring the CT margin can change.
 def test_aseqdip_beats_fbp_on_sparse_view_ct():
-    problem = simulate("ct", image64("shepp"), {"views": 18}, seed=0)
+    problem = simulate("ct", image("shepp", 64), {"views": 18}, seed=0)
     fbp = quality(problem, problem.fbp_image())
-    params = {"network": "tiny", "lr": 2e-2, "inner_steps": 20}
-    res = run_solver("aseqdip", problem, steps=400, params=params, seed=0, device="cpu", ssim_every=0)
+    res = run("aseqdip", problem, 400, network="tiny", lr=2e-2, inner_steps=20)
     assert res.final_psnr > fbp + 1.0, (res.final_psnr, fbp)
 
 
 def test_aseqdip_beats_zero_filled_mri():
-    problem = simulate("mri", image64("shepp"), {"acceleration": 4}, seed=0)
+    problem = simulate("mri", image("shepp", 64), {"acceleration": 4}, seed=0)
     zero_filled = quality(problem, problem.adjoint_image())
-    params = {"network": "tiny", "lr": 1e-2, "inner_steps": 5}
-    res = run_solver("aseqdip", problem, steps=400, params=params, seed=0, device="cpu", ssim_every=0)
+    res = run("aseqdip", problem, 400, network="tiny", lr=1e-2, inner_steps=5)
     assert res.final_psnr > zero_filled + 1.0, (res.final_psnr, zero_filled)
