@@ -14,7 +14,6 @@ import torch
 import yaml
 from skimage import data, transform
 
-from recon.metrics import psnr
 from recon.tasks import simulate
 from recon.solvers import run_solver
 
@@ -32,8 +31,8 @@ def image(name: str, size: int):
 
 
 def quality(problem, image) -> float:
-    ref = problem.display(problem.ground_truth)
-    return float(psnr(problem.display(image), ref, problem.data_range))
+    """PSNR as the loop scores it (CT: inside the reconstruction disc)."""
+    return float(problem.score(image, with_ssim=False)["psnr"])
 
 
 def run(name, problem, steps, **params):
@@ -99,9 +98,25 @@ def test_es_dip_stops_within_1db_of_the_peak_at_demo_scale(name):
 # These tests keep lambda = 1 and raise the lr and the block length so that a few hundred steps of
 # the 2-scale `tiny` network reach the regime; with N = 2 the input z_k = f(z_{k-1}) moves on
 # before the network has fitted it, so a short run keeps replacing a good input with a worse output.
-# RE-CHECK AFTER MERGE (issue 7, problem side): these thresholds were set with the un-normalised
-# ray transform (||A||^2 ~ 1000 at 64 px: the data term dwarfs lambda = 1), the FBP input and
-# full-frame scoring; with ||A|| = 1, z0 = A^H y and disc scoring the CT margin can change.
+# With the unit-norm ray transform (||A|| = 1), aSeqDIP's paper input z0 = A^H y and the disc
+# scoring, CT at 64 px / 400 steps of `tiny` (measured): FBP 22.70 dB, A^H y 15.24 dB, aSeqDIP
+# 17.58 dB (still rising at step 399), vanilla DIP 25.72 dB. So the paper's "aSeqDIP beats FBP"
+# (Table 2: 34.88 vs 22.92) does not hold at this budget (nor at 4000 steps of unet-small,
+# docs/aseqdip-investigation.md: 21.60 vs 21.86 dB); it is kept as a strict xfail, and what holds is tested.
+def test_dip_beats_fbp_on_sparse_view_ct():
+    problem = simulate("ct", image("shepp", 64), {"views": 18}, seed=0)
+    res = run("dip", problem, 400, network="tiny", lr=2e-2)
+    assert res.final_psnr > quality(problem, problem.fbp_image()) + 1.0
+
+
+def test_aseqdip_improves_on_its_input_on_sparse_view_ct():
+    problem = simulate("ct", image("shepp", 64), {"views": 18}, seed=0)
+    res = run("aseqdip", problem, 400, network="tiny", lr=2e-2, inner_steps=20)
+    assert res.final_psnr > quality(problem, problem.initial_image("auto")) + 2.0
+
+
+@pytest.mark.xfail(strict=True, reason="the paper's aSeqDIP > FBP on CT 18 views does not reproduce at 64 px / "
+                                       "400 steps (17.6 vs 22.7 dB measured)")
 def test_aseqdip_beats_fbp_on_sparse_view_ct():
     problem = simulate("ct", image("shepp", 64), {"views": 18}, seed=0)
     fbp = quality(problem, problem.fbp_image())
