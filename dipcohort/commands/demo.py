@@ -51,6 +51,6 @@ def main(args: argparse.Namespace) -> int:
     counts = run_cohort(manifest, store, backend)
     paths = report(store, out / "report")
     print(f"results: {store}   report: {paths['table_md'].parent} (table.md, table.csv, "
-          f"{', '.join(p.name for p in paths['curves'])}, {paths['montage'].name})")
+          f"{', '.join(p.name for p in paths['curves'])}, {paths['montage'].name}, {paths['page'].name})")
     print(f"open them in Python:  import pipeline; ds = pipeline.open_results({str(store)!r})")
     return 1 if counts.get("failed") else 0
