@@ -73,7 +73,7 @@ def statuses(store: Path) -> dict[str, str]:
 def threads(store: Path) -> dict[str, int]:
     """The torch threads each job ran with (the ledger's record)."""
     g = zarr.open_group(str(store), mode="r")["jobs"]
-    return {str(j): int(t) for j, t in zip(g["job_id"][:], g["threads"][:])}
+    return {str(j): int(t) for j, t in zip(g["job"][:], g["threads"][:])}
 
 
 def attempts(store: Path) -> dict[str, int]:
