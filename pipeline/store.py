@@ -50,6 +50,7 @@ import zarr
 
 from pipeline.errors import UsageError
 from pipeline.jobs import FINISHED, STATUS_CODES, STATUS_NAMES, Job
+from pipeline.lease import pid_alive
 from recon.solvers.loop import LOOP_METRICS, SUMMARY_FIELDS
 
 LAYOUT_VERSION = 2
@@ -269,7 +270,7 @@ def _creation_failed(path: Path, err: OSError) -> str:
 def _begin_creation(path: Path, stream) -> Path:
     """Clear dead half-built siblings of `path`; refuse when a live process is building it."""
     for sibling, host, pid in creating_siblings(path):
-        if host == socket.gethostname() and not _pid_alive(pid):
+        if host == socket.gethostname() and not (pid > 0 and pid_alive(pid)):
             shutil.rmtree(sibling, ignore_errors=True)
             print(f"removed {sibling.name}: a half-built store left by an interrupted run (pid {pid})", file=stream)
         else:
@@ -289,16 +290,6 @@ def creating_siblings(path: str | Path) -> list[tuple[Path, str, int]]:
         host, _, pid = sibling.name[len(path.name) + len(CREATING):].rpartition("-")
         out.append((sibling, host, int(pid) if pid.isdigit() else -1))
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def _publish(building: Path, path: Path) -> None:
