@@ -116,18 +116,18 @@ def load_items(store, jobs: list[dict], image: str):
     from pipeline.query import load_image
 
     for row in jobs:
-        values = _as_hwc(load_image(store, str(row["job"]), image, display=True).values)
+        values = as_hwc(load_image(store, str(row["job"]), image, display=True).values)
         if not np.isfinite(values).all():
             raise UsageError(f"job {row['job']} ({row['scan_id']}/{row['solver']}): its {image!r} image is "
                              f"missing in the store (the solver did not produce one); choose another --image")
-        reference = _as_hwc(load_image(store, str(row["job"]), "reference", display=True).values)
+        reference = as_hwc(load_image(store, str(row["job"]), "reference", display=True).values)
         window = _window(reference if np.isfinite(reference).all() else values)
         yield Item(job_id=str(row["job"]), scan_id=str(row["scan_id"]), solver=str(row["solver"]),
                    config=str(row["config"]), params=str(row["params"]), seed=int(row["seed"]),
                    source=str(row["source"]), image=values, window=window)
 
 
-def _as_hwc(chw: np.ndarray) -> np.ndarray:
+def as_hwc(chw: np.ndarray) -> np.ndarray:
     """(C, H, W) display image as (H, W) for one channel, (H, W, C) for colour."""
     arr = np.asarray(chw, dtype=np.float32)
     return arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)

@@ -87,6 +87,7 @@ def curves_section(curve_paths: Sequence[Path]) -> str:
 
 def viewer_entries(store, ds, max_jobs: int) -> tuple[list[dict], dict[str, str], int]:
     """Per shown job its labels, PSNR and image keys; the images (key -> data URI); jobs left out."""
+    from pipeline.export import as_hwc
     from pipeline.query import display_image, open_images
 
     rows = [i for i in range(ds.sizes["job"]) if str(ds.status.values[i]) in SHOWN]
@@ -101,19 +102,15 @@ def viewer_entries(store, ds, max_jobs: int) -> tuple[list[dict], dict[str, str]
         scan, seed = str(ds.scan_id.values[i]), int(ds.seed.values[i])
         shared = f"{scan}/seed{seed}"
         if f"ref:{shared}" not in images:
-            images[f"ref:{shared}"] = png_data_uri(_hwc(grp.reference.sel(job=job).values))
-            images[f"deg:{shared}"] = png_data_uri(_hwc(grp.degraded.sel(job=job).values))
-        images[f"rec:{job}"] = png_data_uri(_hwc(display_image(grp.final.sel(job=job)).values))
+            images[f"ref:{shared}"] = png_data_uri(as_hwc(grp.reference.sel(job=job).values))
+            images[f"deg:{shared}"] = png_data_uri(as_hwc(grp.degraded.sel(job=job).values))
+        images[f"rec:{job}"] = png_data_uri(as_hwc(display_image(grp.final.sel(job=job)).values))
         psnr = float(ds.final_psnr.values[i])
         entries.append({"job": job, "scan": scan, "solver": str(ds.solver.values[i]),
                         "params": str(ds.params.values[i]), "seed": seed, "status": str(ds.status.values[i]),
                         "psnr": None if not math.isfinite(psnr) else round(psnr, 2),
                         "ref": f"ref:{shared}", "deg": f"deg:{shared}", "rec": f"rec:{job}"})
     return entries, images, left_out
-
-
-def _hwc(chw: np.ndarray) -> np.ndarray:
-    return chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1)
 
 
 def viewer_section(entries: list[dict], left_out: int) -> str:
