@@ -285,9 +285,11 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------
 def source_path(item: Item, store) -> Path | None:
     """The scan's source file (relative paths are relative to the store's directory)."""
+    from pipeline.io import resolve_package_source
+
     if not item.source or item.source.startswith("skimage:"):
         return None
-    path = Path(item.source.partition("#")[0])
+    path = Path(resolve_package_source(item.source).partition("#")[0])
     if not path.is_absolute():
         path = Path(store).resolve().parent / path
     return path if path.is_file() else None

@@ -2,6 +2,11 @@
 
 Sources
 - ``skimage:NAME``: an image bundled with scikit-image (no download; see `SKIMAGE_IMAGES`).
+- ``pydicom:FILE`` / ``nibabel:FILE``: a real scan shipped inside an installed package (pydicom's
+  test files, e.g. ``pydicom:CT_small.dcm``, ``pydicom:MR_small.dcm``; nibabel's test data, e.g.
+  ``nibabel:example4d.nii.gz#slice=12``), so studies run on real CT and MRI without a download.
+- NIfTI (nibabel; ``.nii`` / ``.nii.gz``): axial slice ``#slice=K`` (default the middle one) of the
+  first volume (``#volume=T`` picks another of a 4-D series).
 - PNG / JPEG / BMP (pillow), TIFF (tifffile), ``.npy`` / ``.npz`` (``np.load``, no pickle).
 - DICOM (pydicom; ``.dcm`` or any file with the ``DICM`` preamble).
 - fastMRI HDF5: ``FILE.h5#slice=K`` (measured k-space plus its reference reconstruction).
@@ -38,6 +43,9 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 NUMPY_SUFFIXES = (".npy", ".npz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 HDF5_SUFFIXES = (".h5", ".hdf5")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# sources that name data inside installed packages rather than a file path
+PACKAGE_SOURCES = ("skimage:", "pydicom:", "nibabel:")
 
 
 class ScanError(ValueError):
@@ -88,6 +96,32 @@ def _load_skimage(name: str) -> tuple[np.ndarray, dict]:
     return arr, {"format": "skimage"}
 
 
+# files that installed packages ship: pydicom's test files, nibabel's test data
+def _package_data_dir(package: str) -> Path:
+    if package == "pydicom":
+        from pydicom.data import get_testdata_file
+
+        return Path(get_testdata_file("CT_small.dcm")).parent
+    import nibabel
+
+    return Path(nibabel.__file__).parent / "tests" / "data"
+
+
+def resolve_package_source(source: str) -> str:
+    """'pydicom:CT_small.dcm#x' -> '/.../pydicom/data/test_files/CT_small.dcm#x' (other sources unchanged)."""
+    package, _, rest = source.partition(":")
+    if package not in ("pydicom", "nibabel") or not rest:
+        return source
+    name, sep, frag = rest.partition("#")
+    path = _package_data_dir(package) / name
+    if "/" in name or not path.is_file():
+        shipped = sorted(f.name for f in _package_data_dir(package).iterdir()
+                         if f.name.endswith(DICOM_SUFFIXES + NIFTI_SUFFIXES))
+        raise ScanError(f"{source}: {package} ships no file {name!r}; expected a file of "
+                        f"{_package_data_dir(package)}, e.g. {', '.join(shipped[:8])}")
+    return f"{path}{sep}{frag}"
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -99,8 +133,9 @@ def _split_source(source: str) -> tuple[str, dict[str, str]]:
     options: dict[str, str] = {}
     for part in filter(None, frag.replace(",", "&").split("&")):
         key, sep, value = part.partition("=")
-        if not sep or key.strip() not in ("slice", "key"):
-            raise ScanError(f"{source}: bad selector {part!r}; expected '#slice=K' or '#key=NAME'")
+        if not sep or key.strip() not in ("slice", "key", "volume"):
+            raise ScanError(f"{source}: bad selector {part!r}; expected '#slice=K', '#key=NAME' or "
+                            "'#volume=T' (NIfTI)")
         options[key.strip()] = value.strip()
     return path, options
 
@@ -295,6 +330,26 @@ def _read_numpy(path: Path, options: dict) -> tuple[np.ndarray, dict]:
     return _select_stack(arr, options, f"{where}[{key}]"), {"format": "npz", "key": key}
 
 
+def _read_nifti(path: Path, options: dict) -> tuple[np.ndarray, dict]:
+    import nibabel
+
+    where = str(path)
+    _no_options(options, where, ("slice", "volume"))
+    try:
+        volume = np.asanyarray(nibabel.load(path).dataobj)
+    except Exception as err:  # nibabel raises its own ImageFileError, EOFError, zlib errors ...
+        raise ScanError(f"{where}: unreadable NIfTI file ({err})") from err
+    if volume.ndim == 4:
+        volume = volume[..., _slice_index({"slice": options.get("volume", "0")}, volume.shape[3], where)]
+    if volume.ndim == 2:
+        volume = volume[..., None]
+    if volume.ndim != 3:
+        raise ScanError(f"{where}: NIfTI array of shape {volume.shape}; expected a 2-D, 3-D or 4-D image")
+    k = _slice_index(options, volume.shape[2], where, default=volume.shape[2] // 2)
+    # rot90: voxel axes (i, j) of the usual RAS-ish storage shown with anterior at the top
+    return np.rot90(volume[:, :, k]), {"format": "nifti", "slice": k}
+
+
 def _read_dicom(path: Path, options: dict) -> tuple[np.ndarray, dict]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -470,7 +525,7 @@ def load_scan(source: str, *, size: int | None = None, grayscale: bool = True) -
     grayscale: convert RGB to gray (MRI and CT always need gray; the CLI forces it there).
     """
     _check_size(size, 1 if grayscale else 3)
-    source = str(source)
+    source = resolve_package_source(str(source))
     if source.startswith("skimage:"):
         path_text, options = source, {}
         arr, meta = _load_skimage(source.split(":", 1)[1])
@@ -492,10 +547,12 @@ def load_scan(source: str, *, size: int | None = None, grayscale: bool = True) -
             arr, meta = _read_tiff(path, options)
         elif suffix in NUMPY_SUFFIXES:
             arr, meta = _read_numpy(path, options)
+        elif path.name.lower().endswith(NIFTI_SUFFIXES):
+            arr, meta = _read_nifti(path, options)
         elif suffix in DICOM_SUFFIXES or _is_dicom(path):
             arr, meta = _read_dicom(path, options)
         else:
-            known = IMAGE_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES + DICOM_SUFFIXES + HDF5_SUFFIXES
+            known = IMAGE_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + HDF5_SUFFIXES
             raise ScanError(f"{path}: unknown file type {suffix or '(no suffix)'!r}; expected one of "
                             f"{', '.join(known)} or a DICOM file")
     where = path_text if not options else source

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
     PositiveInt, ValidationError, model_validator
 
 from pipeline.errors import UsageError
+from pipeline.io import PACKAGE_SOURCES
 from pipeline.jobs import Job, Resources, ScanSpec, canonical_json, config_id_for, job_id_for
 
 Scalar = Union[bool, int, float, str, None]
@@ -96,6 +97,10 @@ class ScanEntryModel(_Strict):
     reference: str | None = None
     size: PositiveInt | None = None
     color: bool = False
+    # a study's subsets: run only these of the manifest's solvers (by name) on these scans, and/or
+    # these seeds instead of the solvers' own (e.g. FBP only on CT, a second seed on one image)
+    solvers: list[str] | None = None
+    seeds: list[NonNegativeInt] | NonNegativeInt | None = None
 
     @model_validator(mode="after")
     def _one_origin(self) -> "ScanEntryModel":
@@ -162,6 +167,8 @@ class Manifest:
     jobs: list[Job] = field(default_factory=list)
     tuning_scans: list[ScanSpec] = field(default_factory=list)
     seeds: tuple[int, ...] = (0,)
+    # scan id -> (solver names or None for all, seeds or None for each solver's own)
+    scan_plans: dict[str, tuple[frozenset[str] | None, tuple[int, ...] | None]] = field(default_factory=dict)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -181,7 +188,8 @@ def load_manifest(path: str | Path) -> Manifest:
     except ValidationError as err:
         raise ManifestError(_format_errors(path, err)) from None
     base = path.resolve().parent
-    scans = _expand_scans(model.scans, model, path, base)
+    plans: dict = {}
+    scans = _expand_scans(model.scans, model, path, base, plans=plans)
     tuning = _expand_scans(model.tuning_scans, model, path, base, field="tuning_scans")
     clash = sorted({s.id for s in scans} & {s.id for s in tuning})
     if clash:
@@ -190,7 +198,7 @@ def load_manifest(path: str | Path) -> Manifest:
     configs = _expand_solvers(model, path)
     manifest = Manifest(path=path, text=text, cohort=model.cohort, scans=scans, configs=configs,
                         ssim_every=model.metrics.ssim_every, description=model.description, tuning_scans=tuning,
-                        seeds=_seeds(model.seeds))
+                        seeds=_seeds(model.seeds), scan_plans=plans)
     manifest.jobs = expand_jobs(manifest)
     return manifest
 
@@ -255,7 +263,7 @@ def _expand_env(value: str, where: str) -> str:
 def _resolve(value: str, base: Path, where: str) -> str:
     """Expand ${VAR}; make a relative file path absolute against the manifest's directory."""
     value = _expand_env(value, where)
-    if value.startswith("skimage:"):
+    if value.startswith(PACKAGE_SOURCES):
         return value
     file, sep, fragment = value.partition("#")  # FILE.h5#slice=K
     p = Path(file).expanduser()
@@ -273,14 +281,17 @@ def check_scan_id(scan_id: str, where: str) -> None:
 
 
 def _expand_scans(entries: list[ScanEntryModel], model: ManifestModel, path: Path, base: Path,
-                  field: str = "scans") -> list[ScanSpec]:
+                  field: str = "scans", plans: dict | None = None) -> list[ScanSpec]:
     from recon.tasks import TASKS
 
     scans: list[ScanSpec] = []
     origin: dict[str, str] = {}
     for i, entry in enumerate(entries):
         where = f"{path}: {field}[{i}]"
+        plan = _entry_plan(entry, model, where)
         for spec, spec_where in _entry_scans(entry, model, where, base):
+            if plans is not None and plan != (None, None):
+                plans[spec.id] = plan
             if spec.task not in TASKS:
                 raise ManifestError(f"{spec_where}: task {spec.task!r} is not one of {', '.join(TASKS)}")
             _check_task_params(spec, spec_where)
@@ -291,6 +302,20 @@ def _expand_scans(entries: list[ScanEntryModel], model: ManifestModel, path: Pat
             origin[spec.id] = spec_where
             scans.append(spec)
     return scans
+
+
+def _entry_plan(entry: ScanEntryModel, model: ManifestModel, where: str):
+    """(solver names, seeds) an entry restricts its scans to; (None, None) when it does not."""
+    names = None
+    if entry.solvers is not None:
+        known = [s.name for s in model.solvers]
+        unknown = [n for n in entry.solvers if n not in known]
+        if unknown or not entry.solvers:
+            raise ManifestError(f"{where}.solvers: {', '.join(map(repr, unknown)) or 'empty list'}; expected "
+                                f"names of the manifest's solvers ({', '.join(dict.fromkeys(known))})")
+        names = frozenset(entry.solvers)
+    seeds = _seeds(entry.seeds) if entry.seeds is not None else None
+    return names, seeds
 
 
 def _check_task_params(spec: ScanSpec, where: str) -> None:
@@ -472,8 +497,11 @@ def expand_jobs(manifest: Manifest) -> list[Job]:
     base = manifest.path.resolve().parent
     for scan in manifest.scans:
         key = _portable(scan, base)
+        names, scan_seeds = manifest.scan_plans.get(scan.id, (None, None))
         for cfg in manifest.configs:
-            for seed in cfg.seeds:
+            if names is not None and cfg.solver not in names:
+                continue
+            for seed in (scan_seeds if scan_seeds is not None else cfg.seeds):
                 job_id = job_id_for(key, cfg.solver, cfg.params, seed, cfg.steps, manifest.ssim_every)
                 if job_id in seen:  # identical scans under two ids would give identical numbers
                     raise ManifestError(f"{manifest.path}: job {scan.id}/{cfg.label}/seed {seed} repeats {seen[job_id]}")
@@ -487,7 +515,7 @@ def expand_jobs(manifest: Manifest) -> list[Job]:
 def _portable(scan: ScanSpec, base: Path) -> ScanSpec:
     """The scan with paths relative to the manifest's directory, so moving a cohort keeps its ids."""
     def rel(value: str | None) -> str | None:
-        if value is None or value.startswith("skimage:"):
+        if value is None or value.startswith(PACKAGE_SOURCES):
             return value
         file, sep, fragment = value.partition("#")
         try:

@@ -84,7 +84,10 @@ def _shape_and_solvers(manifest: Manifest, spec: ScanSpec, data):
         problem = build_problem(spec, 0, data)
     except (ValueError, TypeError, KeyError) as err:
         raise ManifestError(f"{what}: {err}") from None
+    names, _ = manifest.scan_plans.get(spec.id, (None, None))
     for cfg in manifest.configs:
+        if names is not None and cfg.solver not in names:  # the entry runs only some of the solvers
+            continue
         cls = get_solver(cfg.solver)
         try:
             cls(problem, make_params(cls.Params, cfg.params, where=cfg.where), seed=0, device=torch.device("cpu"))

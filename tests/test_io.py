@@ -409,3 +409,47 @@ def test_size_is_checked_against_available_memory(monkeypatch):
     with pytest.raises(ScanError, match="size 100000 px needs about 111.8 GiB"):
         load_scan("skimage:camera", size=100000)
     assert load_scan("skimage:camera", size=64).image.shape == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# scans shipped inside installed packages, NIfTI
+# ---------------------------------------------------------------------------------------------
+def test_pydicom_source_is_the_shipped_dicom_file():
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    scan = load_scan("pydicom:CT_small.dcm")
+    assert scan.image.shape == (128, 128)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = (values - values.min()) / (values.max() - values.min())
+    np.testing.assert_allclose(scan.image, expected, atol=1e-6)
+
+
+def test_unknown_package_file_names_the_package_and_a_shipped_file():
+    with pytest.raises(ScanError, match=r"pydicom:nope\.dcm: pydicom ships no file 'nope\.dcm'.*CT_small\.dcm"):
+        load_scan("pydicom:nope.dcm")
+    with pytest.raises(ScanError, match="nibabel ships no file"):
+        load_scan("nibabel:../setup.py")
+
+
+def test_nifti_slice_and_volume_selection(tmp_path):
+    import nibabel
+
+    volume = np.random.default_rng(0).random((20, 24, 5, 2)).astype(np.float32) * 0.5 + 0.25
+    path = tmp_path / "series.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    np.testing.assert_allclose(load_scan(f"{path}#slice=3").image, np.rot90(volume[:, :, 3, 0]), atol=1e-6)
+    np.testing.assert_allclose(load_scan(f"{path}#slice=1&volume=1").image, np.rot90(volume[:, :, 1, 1]), atol=1e-6)
+    assert load_scan(str(path)).meta["slice"] == 2  # the middle slice by default
+    with pytest.raises(ScanError, match="slice"):
+        load_scan(f"{path}#slice=9")
+    broken = tmp_path / "broken.nii"
+    broken.write_bytes(b"not a nifti file at all" * 20)
+    with pytest.raises(ScanError, match="broken.nii: unreadable NIfTI"):
+        load_scan(str(broken))
+
+
+def test_nibabel_shipped_epi_slice_loads():
+    scan = load_scan("nibabel:example4d.nii.gz#slice=12", size=32)
+    assert scan.image.shape == (32, 32) and scan.meta["format"] == "nifti" and 0.1 < scan.image.mean() < 0.5

@@ -202,3 +202,29 @@ def test_glob_scans_env_paths_and_id_template(tmp_path, monkeypatch):
 def test_measured_data_needs_a_measured_task(tmp_path):
     msg = error_of(tmp_path, BASE.replace("task: denoise, params: {sigma: 25}", "task: denoise, kind: measured"))
     assert "cannot use measured data" in msg and "mri" in msg
+
+
+def test_scan_entries_choose_their_solvers_and_seeds(tmp_path):
+    path = write(tmp_path, """
+        cohort: subsets
+        steps: 5
+        size: 32
+        scans:
+          - {id: cam, source: "skimage:camera", task: denoise, params: {sigma: 25}, solvers: [adjoint, dip], seeds: [0, 1]}
+          - {id: phantom, source: "skimage:shepp_logan", task: ct, params: {views: 9}, solvers: [fbp, dip]}
+        solvers:
+          - {name: fbp, steps: 1}
+          - {name: adjoint, steps: 1}
+          - {name: dip, params: {network: tiny}}
+        """)
+    jobs = {(j.scan.id, j.solver, j.seed) for j in load_manifest(path).jobs}
+    assert jobs == {("cam", "adjoint", 0), ("cam", "adjoint", 1), ("cam", "dip", 0), ("cam", "dip", 1),
+                    ("phantom", "fbp", 0), ("phantom", "dip", 0)}
+    # the pre-flight builds only the solvers an entry runs: fbp is never tried on the denoising scan
+    from pipeline.preflight import check_manifest
+    check_manifest(load_manifest(path))
+
+
+def test_scan_entry_solvers_must_name_manifest_solvers(tmp_path):
+    msg = error_of(tmp_path, BASE.replace('params: {sigma: 25}}', 'params: {sigma: 25}, solvers: [dip, fbp]}'))
+    assert "scans[0].solvers: 'fbp'" in msg and "dip, aseqdip" in msg
