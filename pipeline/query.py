@@ -121,12 +121,15 @@ def _job_coords(root: zarr.Group, n_steps: int) -> dict[str, tuple | np.ndarray]
 
 
 def provenance(root: zarr.Group, store: str | Path) -> dict:
-    """Root attributes worth carrying on every Dataset (manifest text, versions as JSON, commit);
-    strings and numbers only, so `to_netcdf` takes them."""
+    """Root attributes worth carrying on every Dataset (manifest text, versions as JSON, commit)
+    and the metrics' definitions per task; strings and numbers only, so `to_netcdf` takes them."""
     keep = ("cohort", "manifest", "manifest_path", "packages", "git_commit", "created", "layout_version")
     attrs = {k: root.attrs[k] for k in keep if k in root.attrs and root.attrs[k] is not None}
     attrs["manifest_path"] = st.resolve_in_store(store, attrs.get("manifest_path", ""))
     attrs["store"] = str(Path(store).resolve())
+    definitions = root[st.METRICS].attrs.get("metric_definitions") if st.METRICS in root else None
+    if definitions is not None:   # what each task's psnr / ssim mean (JSON text {task: definition})
+        attrs["metric_definitions"] = definitions
     return attrs
 
 

@@ -32,7 +32,7 @@ def build_problem(spec: ScanSpec, seed: int, data=None):
     """The recon.Problem for this scan: simulated from its ground-truth image, or from its
     measured data (fastMRI k-space, a CT sinogram) with an optional reference image. The one
     path from a scan to a problem, for the worker, the driver and `dipcohort recon`.
-    Its random draws (noise, masks, MRI phase maps) come from (scan id, seed): no two scans share one,
+    Its random draws (noise, masks, MRI phase and coil maps) come from (scan id, seed): no two scans share one,
     and every solver of a scan and seed sees the same measurements."""
     from pipeline.io import ScanError, load_scan
     from recon.rng import measurement_seed

@@ -13,7 +13,8 @@ root `zarr.json` (rewritten after every metadata change).
                            status attempts runtime_s device error log_path heartbeat threads host
                            checksum
       metrics/ values (job, metric, step) float32, chunk (1, M, S), fill NaN; coordinates job,
-                           metric (names), metric_units, step and the job labels
+                           metric (names), metric_units, step and the job labels; attrs
+                           metric_definitions (JSON text {task: definition of psnr, ssim, ...})
       summary/ values (job, field) float64, chunk (1, F), fill NaN; coordinates field, field_units
       images/<c{C}_{H}x{W}>/  final early_stopped ema (job, channel, y, x), reference degraded
                            (job, display_channel, y, x) float32, chunk one image; job_index (job)
@@ -363,8 +364,14 @@ def _create_jobs(root: zarr.Group, jobs: Sequence[Job], path: Path) -> None:
 
 
 def _create_data(root: zarr.Group, jobs: Sequence[Job], metric_names: Sequence[str]) -> None:
+    from recon.tasks import metric_definition
+
     n, steps = len(jobs), max(job.steps for job in jobs)
     m = root.create_group(METRICS)
+    # what psnr / ssim (/ psnr_full, ssim_full) mean for each task of the cohort: mask, data range,
+    # convention (recon.tasks.<task>.metric_definition); JSON text so to_netcdf takes it
+    tasks = sorted({job.scan.task for job in jobs})
+    m.attrs["metric_definitions"] = json.dumps({task: metric_definition(task) for task in tasks})
     labels = _label_coords(m, jobs)
     new_array(m, "metric", list(metric_names), dims=("metric",))
     new_array(m, "metric_units", [units_of(name) for name in metric_names], dims=("metric",))

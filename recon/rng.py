@@ -25,9 +25,8 @@ def derive_seed(key: str, seed: int) -> int:
 
 
 def measurement_seed(scan_id: str, seed: int) -> int:
-    """The seed of a scan's simulated measurements (noise, masks, MRI phase maps; simulated coil
-    maps are deterministic): the same for every solver of that scan and seed, so solver
-    comparisons are paired."""
+    """The seed of a scan's simulated measurements (noise, masks, MRI phase and coil maps): the
+    same for every solver of that scan and seed, so solver comparisons are paired."""
     return derive_seed(f"measurements/{scan_id}", seed)
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from skimage import data, transform
 
 from recon.tasks import simulate
@@ -61,33 +60,50 @@ def test_aseqdip_denoises_sigma25_at_the_papers_settings():
 
 
 # ---- early stopping at the demo's scale ------------------------------------------------------------
-def demo_es_params() -> dict:
-    manifest = yaml.safe_load(DEMO.read_text())
-    (entry,) = [s for s in manifest["solvers"] if s["name"] == "es-dip"]
-    return dict(entry["params"]), manifest["steps"], manifest["size"]
+def demo_es_runs():
+    """The demo's ES-DIP on its denoising scans exactly as its jobs run them: the manifest's
+    params, steps and size, the worker's problem (pipeline.scans.build_problem) and seeds."""
+    from pipeline.manifest import load_manifest
+    from pipeline.scans import build_problem
+    from recon.rng import solver_seed
+
+    manifest = load_manifest(DEMO)
+    (config,) = [c for c in manifest.configs if c.solver == "es-dip"]
+    for spec in (s for s in manifest.scans if s.task == "denoise"):
+        for seed in manifest.seeds:
+            yield spec.id, config.params, config.steps, build_problem(spec, seed), solver_seed(spec.id, seed)
 
 
-@pytest.mark.parametrize("name", ["camera", "astronaut"])   # the demo's denoising scans
-def test_es_dip_window_fills_before_the_peak_at_demo_scale(name):
-    params, steps, size = demo_es_params()
-    problem = simulate("denoise", image(name, size), {"sigma": 25}, seed=0)
-    res = run_solver("es-dip", problem, steps=steps, params=params, seed=0, device="cpu", ssim_every=0)
+@pytest.fixture(scope="module")
+def demo_es_results():
+    return {scan_id: (params, run_solver("es-dip", problem, steps=steps, params=params, seed=seed, device="cpu",
+                                         ssim_every=0))
+            for scan_id, params, steps, problem, seed in demo_es_runs()}
+
+
+@pytest.mark.parametrize("scan_id", ["camera-denoise", "astronaut-denoise"])   # the demo's denoising scans
+def test_es_dip_window_fills_before_the_peak_at_demo_scale(demo_es_results, scan_id):
+    params, res = demo_es_results[scan_id]
     assert params["variance_window"] - 1 < res.peak_step, (params, res.peak_step)
     assert res.es_step >= 0
 
 
-# Known failure, kept visible (strict: it flags when it starts to pass). At lr 1e-4 on 32 px the
-# moving variance decreases monotonically over the whole run (measured on camera: 5.7e-2 at step
-# 60, 1.1e-2 at 100, 2.3e-3 at 300), as Wang et al.'s Theorem predicts for a small learning rate
-# (tutorial Sec. III-B), so ES-WMV keeps the last iterate: 22.1 dB against a 25.5 dB peak. At lr
-# 1e-3 / 3e-3 the network fits the noisy image within ~100 steps and the variance decays to 0.
-@pytest.mark.xfail(strict=True, reason="ES-WMV's variance has no minimum near the peak at demo scale "
-                                       "(monotone at lr 1e-4); see the comment above")
-@pytest.mark.parametrize("name", ["camera", "astronaut"])
-def test_es_dip_stops_within_1db_of_the_peak_at_demo_scale(name):
-    params, steps, size = demo_es_params()
-    problem = simulate("denoise", image(name, size), {"sigma": 25}, seed=0)
-    res = run_solver("es-dip", problem, steps=steps, params=params, seed=0, device="cpu", ssim_every=0)
+# The issue's target: ES-DIP's early-stopped PSNR within 1 dB of the oracle peak on the demo's
+# denoising scans. Measured with the demo's jobs (lr 1e-4, W 20, p 100): astronaut peak 22.13 dB
+# (step 150), ES 21.89 (step 249): holds. camera peak 25.01 (step 58), ES 21.35 (step 299): the
+# moving variance still decreases at the last step (Wang et al.'s Theorem 2.1 for small steps,
+# tutorial Sec. III-B), so ES keeps the last iterate. No setting of the tuning sweep (lr 1e-4 /
+# 1e-3 / 1e-2, input jitter 0 / 1/30, W 10 / 20, p 50 / 100, docs/tuning.md sweep 3) meets the
+# target on all four tuning images, so the demo keeps its setting and camera stays a strict xfail
+# (it flags when it starts to pass).
+@pytest.mark.parametrize("scan_id", [
+    "astronaut-denoise",
+    pytest.param("camera-denoise", marks=pytest.mark.xfail(
+        strict=True, reason="ES-WMV keeps the last iterate on camera: 21.35 dB at step 299 vs a 25.01 dB "
+                            "peak at step 58 (measured); no tuned setting fixes it (docs/tuning.md)")),
+])
+def test_es_dip_stops_within_1db_of_the_peak_at_demo_scale(demo_es_results, scan_id):
+    _, res = demo_es_results[scan_id]
     assert res.es_psnr >= res.peak_psnr - 1.0, (res.es_psnr, res.peak_psnr, res.es_step, res.peak_step)
 
 
@@ -129,3 +145,41 @@ def test_aseqdip_beats_zero_filled_mri():
     zero_filled = quality(problem, problem.adjoint_image())
     res = run("aseqdip", problem, 400, network="tiny", lr=1e-2, inner_steps=5)
     assert res.final_psnr > zero_filled + 1.0, (res.final_psnr, zero_filled)
+
+
+# ---- MRI 4x and Self-Guided DIP at the papers' settings --------------------------------------------
+# unet-small, Adam lr 1e-4 for every method, aSeqDIP N = 2 and lambda = 1 (Sec. 4.1), Self-Guided
+# lambda 1 (TUNED, docs/tuning.md), N_eta 4, gamma 0.99 (the chapter's code); 64 px, seed 0.
+# Measured (PSNR dB after 50 / 100 / 200 / 400 steps; load average ~6 on 2 cores):
+#   MRI 4x Shepp-Logan, zero-filled A^H y 18.90: aSeqDIP 9.68 / 12.47 / 15.37 / 16.67 (peak at step
+#   381, still rising; 85 s for 400 steps), Self-Guided 16.07 / 16.74 / 17.56 / 18.26 (100 s),
+#   vanilla DIP 12.08 / 14.35 / 15.41 / 16.36 (27 s).
+#   Inpainting HIAR 0.25 camera, the masked image 12.40: Self-Guided 8.23 / 11.17 / 14.51 / 15.89 (47 s).
+# At the papers' lr a few hundred steps do not fit the MRI image: every method is still below the
+# zero-filled image, so the papers' "beats zero-filled" is a strict xfail; the larger-lr test above
+# checks aSeqDIP's MRI behaviour once fitted.
+def test_self_guided_improves_on_its_input_on_inpainting_at_the_papers_settings():
+    problem = simulate("inpaint", image("camera", 64), {"hole_ratio": 0.25}, seed=0)
+    masked = quality(problem, problem.initial_image("auto"))
+    res = run("self-guided", problem, 200)   # measured: 14.51 dB against 12.40
+    assert res.final_psnr > masked + 1.0, (res.final_psnr, masked)
+
+
+@pytest.mark.xfail(strict=True, reason="at lr 1e-4 (aSeqDIP Sec. 4.1) 64 px MRI 4x is not fitted in a few hundred "
+                                       "steps: aSeqDIP 15.37 dB after 200 steps, 16.67 after 400 (still rising), "
+                                       "zero-filled 18.90 (measured)")
+def test_aseqdip_beats_zero_filled_mri_at_the_papers_settings():
+    problem = simulate("mri", image("shepp", 64), {"acceleration": 4}, seed=0)
+    zero_filled = quality(problem, problem.adjoint_image())
+    res = run("aseqdip", problem, 200)
+    assert res.final_psnr > zero_filled, (res.final_psnr, zero_filled)
+
+
+@pytest.mark.xfail(strict=True, reason="at lr 1e-4 Self-Guided DIP stays below its A^H y input on 64 px MRI 4x: "
+                                       "17.56 dB after 200 steps, 18.26 after 400 (still rising), input 18.90 "
+                                       "(measured)")
+def test_self_guided_improves_on_its_input_on_mri_at_the_papers_settings():
+    problem = simulate("mri", image("shepp", 64), {"acceleration": 4}, seed=0)
+    zero_filled = quality(problem, problem.initial_image("auto"))
+    res = run("self-guided", problem, 200)
+    assert res.final_psnr > zero_filled, (res.final_psnr, zero_filled)

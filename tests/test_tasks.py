@@ -123,6 +123,25 @@ def test_random_masks_differ_between_scans(task):
     assert not torch.equal(masks[0], masks[1])
 
 
+def _coil_maps(p) -> torch.Tensor:
+    return getattr(p.operator, "base", p.operator).sens[0]
+
+
+def test_simulated_coil_maps_are_drawn_per_scan():
+    """Birdcage maps from (scan id, seed): another scan gets another coil geometry, the same scan
+    the same maps bit for bit; still sum |S|^2 = 1 per pixel, and ||A|| = 1 within 2 %."""
+    from recon.rng import measurement_seed
+
+    image = _image(32)
+    a, again, b = (simulate("mri", image, {}, seed=measurement_seed(s, 0)) for s in ("scan-a", "scan-a", "scan-b"))
+    assert torch.equal(_coil_maps(a), _coil_maps(again))
+    assert a.meta["coil_draw"] == again.meta["coil_draw"] != b.meta["coil_draw"]
+    assert float((_coil_maps(a).abs() - _coil_maps(b).abs()).abs().max()) > 0.05
+    for p in (a, b):
+        torch.testing.assert_close(_coil_maps(p).abs().pow(2).sum(0), torch.ones(32, 32), rtol=1e-5, atol=1e-5)
+        assert p.operator.norm(seed=5) == pytest.approx(1.0, rel=0.02)
+
+
 def test_build_problem_draws_per_scan_id():
     """Two manifest rows with the same image and job seed get independent noise (issue 7: the
     camera/moon/coins noise fields of one cohort correlated at 1.0)."""

@@ -104,6 +104,19 @@ def test_open_results_round_trips_through_netcdf(fabricated, tmp_path):
     assert list(ds.status.values[[3, 5]]) == ["failed", "pending"]
 
 
+def test_metric_definitions_of_the_cohorts_tasks_are_in_the_store(fabricated):
+    """What psnr / ssim mean (mask, data range, convention) travels with the numbers, per task of
+    the cohort: on the metrics group (xarray.open_zarr) and on open_results' Dataset."""
+    import json
+
+    from recon.tasks import metric_definition
+
+    expected = {task: metric_definition(task) for task in ("denoise", "mri")}   # the fabricated cohort's
+    assert "data range = the reference magnitude's maximum" in expected["mri"]
+    assert json.loads(_open(fabricated.path, "metrics").attrs["metric_definitions"]) == expected
+    assert json.loads(pipeline.open_results(fabricated.path).attrs["metric_definitions"]) == expected
+
+
 def test_a_moved_store_still_finds_its_logs_and_manifest(real_store, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(real_store.parent, moved)   # the store and its work directory, moved together

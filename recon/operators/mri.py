@@ -141,24 +141,29 @@ def _normalise(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return maps / torch.clamp(rss, min=eps)
 
 
-def birdcage_sensitivities(coils: int, height: int, width: int, radius: float = 1.5) -> torch.Tensor:
+def birdcage_sensitivities(coils: int, height: int, width: int, radius: float = 1.5, rotation: float = 0.0,
+                           centre: tuple[float, float] = (0.0, 0.0),
+                           phases: torch.Tensor | None = None) -> torch.Tensor:
     """Simulated birdcage coil maps (coils, H, W) complex64 with sum_c |S_c|^2 = 1 per pixel.
 
-    Coils sit on a circle of `radius` (in units of the half field of view); magnitude falls off
-    as 1/distance and each coil carries its own phase, as `sigpy.mri.birdcage_maps` (radius 1.5
-    is its default). One coil gives S = 1 (the single-coil case).
+    Coils sit on a circle of `radius` (in units of the half field of view) around `centre` (dy, dx,
+    same units), the first at angle `rotation` (radians); magnitude falls off as 1/distance and each
+    coil carries its own phase, as `sigpy.mri.birdcage_maps` (radius 1.5 is its default), plus an
+    optional constant phase per coil (`phases`, radians). One coil gives S = 1 (the single-coil case).
     """
     if coils < 1:
         raise ValueError(f"coils must be >= 1, got {coils}")
     if coils == 1:
         return torch.ones(1, height, width, dtype=torch.complex64)
-    c = torch.arange(coils, dtype=torch.float64)[:, None, None]
+    angle = rotation + 2 * math.pi * torch.arange(coils, dtype=torch.float64)[:, None, None] / coils
     y = torch.arange(height, dtype=torch.float64)[None, :, None]
     x = torch.arange(width, dtype=torch.float64)[None, None, :]
-    xc = (x - width / 2) / (width / 2) - radius * torch.cos(2 * math.pi * c / coils)
-    yc = (y - height / 2) / (height / 2) - radius * torch.sin(2 * math.pi * c / coils)
+    xc = (x - width / 2) / (width / 2) - centre[1] - radius * torch.cos(angle)
+    yc = (y - height / 2) / (height / 2) - centre[0] - radius * torch.sin(angle)
     rr = torch.sqrt(xc ** 2 + yc ** 2)
-    phase = torch.atan2(xc, -yc) - 2 * math.pi * c / coils
+    phase = torch.atan2(xc, -yc) - angle
+    if phases is not None:
+        phase = phase + torch.as_tensor(phases, dtype=torch.float64).reshape(coils, 1, 1)
     maps = torch.polar(1.0 / rr, phase)
     return _normalise(maps).to(torch.complex64)
 

@@ -18,7 +18,7 @@ from recon.problem import Problem
 
 # independent torch.Generator streams per kind of draw: changing one setting (e.g. the mask)
 # does not reshuffle the others (e.g. the noise)
-STREAMS = {"mask": 1, "noise": 2, "phase": 3, "poisson": 4}
+STREAMS = {"mask": 1, "noise": 2, "phase": 3, "poisson": 4, "coils": 5}
 
 
 def generator(seed: int, stream: str) -> torch.Generator:

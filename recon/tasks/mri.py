@@ -94,7 +94,7 @@ class MRI(Task):
     def build(self, x, p, seed):
         _, _, h, w = x.shape
         mask = _mask(p, w, seed)
-        sens = mri_ops.birdcage_sensitivities(p["coils"], h, w)
+        sens, coil_draw = _coil_maps(p["coils"], h, w, seed)
         op = mri_ops.MultiCoilMRI(sens, mask)
         # complex ground truth: the magnitude image with a smooth phase (as real MR images have)
         z = x[:, 0:1].to(torch.complex64) * torch.polar(torch.ones(h, w), _smooth_phase(h, w, p["phase"], seed))
@@ -106,7 +106,7 @@ class MRI(Task):
         n = torch.complex(torch.randn(clean.shape, generator=gen), torch.randn(clean.shape, generator=gen))
         y = clean + op.mask * noise * n
         meta = {"coils": p["coils"], "acceleration_effective": op.acceleration, "sampled_columns": int(mask.sum()),
-                "sensitivities": "birdcage" if p["coils"] > 1 else "none", "noise_std": noise,
+                "sensitivities": "birdcage" if p["coils"] > 1 else "none", "coil_draw": coil_draw, "noise_std": noise,
                 "snr_db": p["snr_db"]}
         return self.problem(op, y, gt, float(z.abs().max()), noise, meta)
 
@@ -166,6 +166,22 @@ def _check_mask_params(p: dict) -> None:
 def _mask(p: dict, width: int, seed: int) -> torch.Tensor:
     return mri_ops.make_mask(p["mask"], width, p["acceleration"], p["center_fraction"],
                              generator(seed, "mask").initial_seed())
+
+
+def _coil_maps(coils: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """Birdcage maps drawn per scan (ours; a fixed array would give every scan of a cohort the same
+    coil geometry): the array rotated by U(0, 2 pi), its centre shifted by U(-0.1, 0.1) of the half
+    field of view in each direction, its radius U(1.3, 1.7) (sigpy's default 1.5 in the middle) and a
+    constant phase U(0, 2 pi) per coil. Still sum_c |S_c|^2 = 1 per pixel. Returns the maps and the
+    drawn values (JSON-friendly, for the problem's meta)."""
+    if coils == 1:
+        return mri_ops.birdcage_sensitivities(1, h, w), {}
+    u = torch.rand(4 + coils, generator=generator(seed, "coils"), dtype=torch.float64)
+    draw = {"rotation": float(2 * math.pi * u[0]), "centre": [float(0.2 * u[1] - 0.1), float(0.2 * u[2] - 0.1)],
+            "radius": float(1.3 + 0.4 * u[3]), "phases": [float(v) for v in 2 * math.pi * u[4:]]}
+    sens = mri_ops.birdcage_sensitivities(coils, h, w, radius=draw["radius"], rotation=draw["rotation"],
+                                          centre=tuple(draw["centre"]), phases=torch.tensor(draw["phases"]))
+    return sens, draw
 
 
 def _smooth_phase(h: int, w: int, peak: float, seed: int) -> torch.Tensor:
