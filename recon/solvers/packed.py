@@ -247,9 +247,10 @@ def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None
             settings = LoopSettings(steps=steps, ssim_every=ssim_every, checkpoint_path=Path(path) if path else None,
                                     checkpoint_every=checkpoint_every,
                                     progress=progress[j] if progress is not None else None)
-            loops[j] = Loop(solver, settings)
+            loop = Loop(solver, settings)
             if cls.packable:
-                loops[j]._maybe_resume()
+                loop._maybe_resume()
+            loops[j] = loop  # only a job whose set-up succeeded runs
         except Exception as err:  # noqa: BLE001 - reported in the job's slot
             results[j] = err
     if not cls.packable:
