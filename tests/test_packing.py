@@ -17,7 +17,7 @@ from recon.tasks import simulate
 
 torch.set_num_threads(1)
 
-PACKABLE = ["dip", "es-dip", "tv-dip", "aseqdip"]
+PACKABLE = ["dip", "es-dip", "tv-dip", "aseqdip", "self-guided"]
 
 
 def params(name: str, **extra) -> dict:
@@ -26,6 +26,8 @@ def params(name: str, **extra) -> dict:
         p["inner_steps"] = 4
     if name == "es-dip":
         p.update(variance_window=5, patience=6)
+    if name == "self-guided":
+        p["n_eta"] = 2
     return {**p, **extra}
 
 
@@ -75,7 +77,7 @@ def test_a_pack_of_one_is_run_solver_bit_for_bit(images, name):
 
 
 @pytest.mark.parametrize("name,task", [("dip", "inpaint"), ("es-dip", "denoise"), ("aseqdip", "mri"),
-                                       ("tv-dip", "ct")])
+                                       ("tv-dip", "ct"), ("self-guided", "inpaint")])
 def test_a_jobs_numbers_do_not_depend_on_its_pack_mates(images, name, task):
     probs = problems(images, task, n=3)
     other = simulate(task, images[1], {"sigma": 25} if task == "denoise" else {}, seed=7)
@@ -137,7 +139,7 @@ def test_a_set_up_failure_stays_in_its_slot(images, tmp_path):
         assert r.steps_run == 40 and r.extra["pack_size"] == 2
 
 
-@pytest.mark.parametrize("name", ["aseqdip", "es-dip"])
+@pytest.mark.parametrize("name", ["aseqdip", "es-dip", "self-guided"])
 def test_an_interrupted_pack_resumes_with_identical_numbers(images, tmp_path, name):
     probs = problems(images, "denoise", n=3)
     whole = pack(name, probs, steps=30)
