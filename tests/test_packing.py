@@ -17,11 +17,11 @@ from recon.tasks import simulate
 
 torch.set_num_threads(1)
 
-PACKABLE = ["dip", "es-dip", "tv-dip", "aseqdip", "self-guided"]
+PACKABLE = ["dip", "es-dip", "tv-dip", "aseqdip", "self-guided", "deep-decoder"]
 
 
 def params(name: str, **extra) -> dict:
-    p = {"network": "tiny"}
+    p = {"network": "deep-decoder-small" if name == "deep-decoder" else "tiny"}
     if name == "aseqdip":
         p["inner_steps"] = 4
     if name == "es-dip":
@@ -77,7 +77,8 @@ def test_a_pack_of_one_is_run_solver_bit_for_bit(images, name):
 
 
 @pytest.mark.parametrize("name,task", [("dip", "inpaint"), ("es-dip", "denoise"), ("aseqdip", "mri"),
-                                       ("tv-dip", "ct"), ("self-guided", "inpaint")])
+                                       ("tv-dip", "ct"), ("self-guided", "inpaint"),
+                                       ("deep-decoder", "sr")])
 def test_a_jobs_numbers_do_not_depend_on_its_pack_mates(images, name, task):
     probs = problems(images, task, n=3)
     other = simulate(task, images[1], {"sigma": 25} if task == "denoise" else {}, seed=7)
@@ -171,7 +172,7 @@ def test_a_packs_checkpoint_resumes_alone(images, tmp_path):
 def test_solvers_say_whether_they_pack(images):
     for name in PACKABLE:
         assert packable(name)
-    for name in ("dip-admm", "deep-decoder", "tv-dip-hqs", "tv"):
+    for name in ("dip-admm", "dip-red", "tv-dip-hqs", "tv"):
         assert not packable(name)
     probs = problems(images, "denoise", n=2)
     with pytest.raises(ValueError, match="cannot run in a pack"):

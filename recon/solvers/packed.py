@@ -16,6 +16,14 @@ depend on when (or whether) a pack-mate left: vmapped kernels give a job the sam
 pack-mates' data, but not whatever the pack size (grouped convolutions pick kernels by the group
 count), so the pack never shrinks.
 
+Host syncs: the loop's per-step decisions (divergence, early stopping, peak) need the values, so
+each pack step copies every job's metrics to the host in one transfer (B jobs, one sync; the
+single loop makes one per job-step). Jobs stepped: dip, es-dip, tv-dip, aseqdip (its z_k = f(z_{k-1})
+is one batched forward), self-guided (N_eta draws per job through vmap; its learnt input z is a row
+of a stacked tensor while the pack steps). deep-decoder (DIP's step on its own network). Solvers
+with inner solves or proximal steps between updates (HQS/ADMM/RED, DIP-ADMM) and the classical
+ones are not packable (`packable(name)` is False) and run alone.
+
 Exactness (tests/test_packing.py): a pack of one uses the plain module (vmap at B = 1 is not
 bit-identical: the batched reflection pad hands the next convolution a differently strided input,
 ~1e-6 apart) and gives run_solver's numbers bit for bit; in a pack of B > 1 a job's numbers are
@@ -33,7 +41,6 @@ compilation (150 s CPU) on this machine: it does not pay for a pack of 4000-step
 from __future__ import annotations
 
 import copy
-import math
 import time
 from functools import reduce
 from operator import add
