@@ -205,3 +205,15 @@ def test_ct_operators_are_built_once_per_geometry(images):
     finally:
         ct_ops._view_block = original
     assert calls == []  # nothing rebuilt
+
+
+def test_pack_footprint_grows_with_the_image_and_the_network(images):
+    from recon.solvers import pack_footprint
+
+    small = problems(images, n=1)[0]
+    large = simulate("denoise", transform.resize(images[0], (64, 64)), {"sigma": 25}, seed=0)
+    tiny32 = pack_footprint("dip", small, params={"network": "tiny"}, device="cpu")
+    tiny64 = pack_footprint("dip", large, params={"network": "tiny"}, device="cpu")
+    skip32 = pack_footprint("dip", small, params={"network": "skip-small"}, device="cpu")
+    assert 0 < tiny32 < skip32
+    assert 3 * tiny32 < tiny64 < 5 * tiny32  # activations scale with the pixels (4x)

@@ -54,7 +54,7 @@ from recon.problem import Problem
 from recon.solvers.base import NetworkSolver, StepOutput
 from recon.solvers.loop import Loop, LoopSettings, ProgressFn, SolverResult, StopRequested
 
-__all__ = ["packable", "run_solver_pack"]
+__all__ = ["packable", "run_solver_pack", "pack_footprint"]
 
 
 def packable(name: str) -> bool:
@@ -297,3 +297,35 @@ def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None
         for j, res in zip(members, _run_pack([loops[j] for j in members], should_stop)):
             results[j] = res
     return results
+
+
+def pack_footprint(name: str, problem: Problem, *, params: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> int:
+    """Bytes one more job adds to a pack of solver `name` on `problem`'s shape, measured by building
+    one job and stepping it once: on CUDA the peak allocated memory of that step (everything it
+    holds); elsewhere its network, gradient and two Adam moments (4x the parameters), the tensors
+    autograd saves for the backward pass (the activations) and the problem's tensors. What
+    `--pack auto` divides the free memory by."""
+    from recon.solvers import default_device, get_solver, prepare_device
+    from recon.solvers.base import make_params
+
+    cls = get_solver(name)
+    dev = prepare_device(torch.device(device) if device is not None else default_device())
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    solver = cls(problem.to(dev), make_params(cls.Params, params, where=f"solver {name!r} params"), seed=0, device=dev)
+    saved = [0]
+
+    def pack_hook(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        solver.step(0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    weights = sum(p.numel() * p.element_size() for p in solver.trainable_parameters())
+    data = sum(t.numel() * t.element_size() for t in (problem.measurements, problem.ground_truth) if t is not None)
+    return int(4 * weights + saved[0] + data)
