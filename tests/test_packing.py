@@ -217,3 +217,13 @@ def test_pack_footprint_grows_with_the_image_and_the_network(images):
     skip32 = pack_footprint("dip", small, params={"network": "skip-small"}, device="cpu")
     assert 0 < tiny32 < skip32
     assert 3 * tiny32 < tiny64 < 5 * tiny32  # activations scale with the pixels (4x)
+
+
+def test_each_job_reports_its_own_progress(images):
+    probs = problems(images, "denoise", n=2)
+    seen: list[list] = [[], []]
+    results = pack("dip", probs, steps=21, progress=[lambda d, t, v, j=j: seen[j].append((d, t, v["loss"]))
+                                                     for j in range(2)])
+    for j in range(2):  # run_solver's cadence: every 10th step and the last, with the job's own values
+        assert [(d, t) for d, t, _ in seen[j]] == [(1, 21), (11, 21), (21, 21)]
+        assert [loss for _, _, loss in seen[j]] == [results[j].history["loss"][d - 1] for d, _, _ in seen[j]]
