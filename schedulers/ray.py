@@ -213,8 +213,10 @@ class _Run:
         self.busy: dict[Any, tuple[Any, tuple, Job]] = {}  # run() ref -> (actor, request, job)
         self.crashes: dict[str, int] = {}                  # job id -> times its actor died under it
         self.start_failures = 0
-        self.limit, self.counted = self.b._limit(next(iter(self.queues))), time.monotonic()
+        first = next(iter(self.queues))
+        self.limit, self.counted = self.b._limit(first), time.monotonic()
         self.waiting_since, self.noted = time.monotonic(), 0
+        self.fits_now = self.b._slots(first) >= 1  # no: say at once that the run waits for the cluster
 
     # ---- the loop --------------------------------------------------------------------------
     def loop(self) -> None:
@@ -289,7 +291,8 @@ class _Run:
             self.waiting_since, self.noted = time.monotonic(), 0
             return
         waited = time.monotonic() - self.waiting_since
-        if waited < WAIT_NOTE_S[0] + self.noted * WAIT_NOTE_S[1]:
+        due = 0.0 if not (self.fits_now or self.noted) else WAIT_NOTE_S[0] + self.noted * WAIT_NOTE_S[1]
+        if waited < due:
             return
         import ray
 
