@@ -14,7 +14,6 @@ each test is one or two CLI runs of six 32 px jobs.
 """
 from __future__ import annotations
 
-import re
 import socket
 import threading
 
@@ -60,11 +59,6 @@ def ledger(store) -> dict[str, dict[str, object]]:
         return {}
 
 
-def start_pids(store, job_id: str) -> list[int]:
-    """The worker process of each attempt of the job (its log's start lines)."""
-    return [int(p) for p in re.findall(r"^.*start job .* pid (\d+) ", sc.log_text(store, job_id), re.M)]
-
-
 def ray_run(manifest, out, address, *extra):
     return ("run", str(manifest), "--out", str(out), "--backend", "ray", "--ray-address", address,
             "--progress", "plain", *extra)
@@ -105,7 +99,7 @@ def test_cohort_on_two_nodes_survives_a_killed_raylet(cluster, cohort, tmp_path)
     assert all(led["node"].values()) and set(led["host"].values()) == {socket.gethostname()}
     # warm workers: the survivor's one actor ran all its jobs in one process
     on_survivor = [j for j, n in led["ray_node_id"].items() if n == survivor.node_id]
-    assert len(on_survivor) >= 2 and len({start_pids(out, j)[-1] for j in on_survivor}) == 1
+    assert len(on_survivor) >= 2 and len({sc.start_pids(out, j)[-1] for j in on_survivor}) == 1
     sc.assert_same_results(out, reference)
 
     rerun = sc.cli(*ray_run(manifest, out, c.address, "--device", "cpu"))
