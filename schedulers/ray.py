@@ -172,7 +172,10 @@ class RayBackend(Backend):
         if self.address:
             # the cluster's nodes may not have this code: ship the three packages with the job
             env = {"py_modules": _packages()} if self.ship_code else None
-            ray.init(address=self.address, log_to_driver=False, logging_level="warning", runtime_env=env)
+            try:
+                ray.init(address=self.address, log_to_driver=False, logging_level="warning", runtime_env=env)
+            except ConnectionError as err:
+                raise _connection_refused(self.address, err) from None
         else:
             import torch
 
@@ -388,6 +391,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except OSError as err:
         raise UsageError(f"--ray-address {address}: nothing answers there within {timeout_s:g} s ({err}); "
                          f"start the cluster with `ray start --head` or fix the address") from None
+
+
+def _connection_refused(address: str, err: ConnectionError):
+    """Something answers at the address but Ray would not connect: most often token authentication."""
+    import os
+
+    from pipeline.errors import UsageError
+
+    hint = ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        # Ray >= 2.5x starts a head with token authentication when ~/.ray/auth_token exists, and
+        # then refuses clients that do not send the token (RAY_AUTH_MODE unset means 'disabled')
+        hint = ("; if the cluster uses token authentication, run with RAY_AUTH_MODE=token and its token in "
+                "~/.ray/auth_token (or RAY_AUTH_TOKEN), as `ray start --address` needs too")
+    return UsageError(f"--ray-address {address}: Ray could not connect to the cluster there ({_first_line(err)}){hint}")
 
 
 def _plain(err: BaseException) -> str:
