@@ -11,8 +11,8 @@ norm), which a fresh process per job (`max_calls=1`) would pay for on every job 
 `import torch`, CUDA start-up: seconds). An actor runs one job at a time (the driver dispatches a
 job only to an idle actor) and each job's log says which process ran it (`pid`).
 
-The driver keeps at most `max_in_flight` actors (default: the cluster's job slots; `--workers N`
-> 1: N); jobs wait in the driver, so a cohort of thousands of jobs never becomes thousands of
+The driver keeps at most `max_in_flight` actors (default: the cluster's job slots for the first
+job's request; `--workers N` > 1: N); jobs wait in the driver, so a cohort of thousands of jobs never becomes thousands of
 pending Ray tasks. Connecting to a running cluster (`--ray-address`) ships the recon, pipeline
 and schedulers packages with the job (runtime_env py_modules), so the nodes need the
 dependencies (torch, zarr, ...) but not this code. A cluster may grow while the run goes on:
@@ -228,7 +228,10 @@ class _Run:
         try:
             while self._step():
                 # a timeout, so that the driver's signal handlers run while it waits
-                ready, _ = ray.wait([*self.busy, *self.starting], num_returns=1, timeout=1.0)
+                refs = [*self.busy, *self.starting]
+                if not refs:  # only idle actors of requests still to start: the next step starts them
+                    continue
+                ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
                 for ref in ready:
                     self._answered(ref)
         except BaseException:
@@ -256,9 +259,8 @@ class _Run:
             queue = self.queues.get(request)
             while actors and queue:
                 actor, job = actors.pop(), queue.popleft()
-                cpus, gpus = request
-                ref = actor.run.options(name=f"dipcohort:{job.job_id}").remote(self.job_fn, with_cpus(job, cpus),
-                                                                                self.store_path)
+                ref = actor.run.options(name=f"dipcohort:{job.job_id}").remote(
+                    self.job_fn, with_cpus(job, request[0]), self.store_path)
                 self.busy[ref] = (actor, request, job)
                 if job.job_id not in self.crashes:  # a retry was started already, as progress sees it
                     self.progress.job_started(job)

@@ -45,7 +45,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     base = tmp_path_factory.mktemp("ray-cluster")
-    manifest = sc.write_manifest(base / "cohort.yaml", steps=200, seeds=(0, 1, 2))
+    manifest = sc.write_manifest(base / "cohort.yaml", steps=120, seeds=(0, 1, 2))
     return manifest, sc.reference_store(manifest, base)
 
 
