@@ -1,6 +1,6 @@
 """Scaling of the scheduler backends: a cohort of small CPU jobs on 1 and 2 workers per backend.
 
-    python benchmarks/pipeline_scaling.py [--jobs 8] [--job-seconds 10] [--backends local,ray,slurm]
+    python benchmarks/pipeline_scaling.py [--jobs 8] [--job-seconds 10] [--backends local,ray,ray-nodes,slurm]
 
 For each backend and worker count it creates a fresh store, runs every job and prints:
   wall         seconds from the backend's first dispatch to the last recorded job
@@ -12,6 +12,9 @@ For each backend and worker count it creates a fresh store, runs every job and p
 Goals (issue 4): efficiency >= 0.9 at 2 workers for jobs of >= 10 s; orchestration overhead under
 0.5 s per job for local and Ray; stated for Slurm. Every job runs with 1 torch thread on 1 CPU.
 Workers: local = pool processes (1 = in-process sequential); ray = CPUs of a fresh local cluster;
+ray-nodes = nodes of a multi-node Ray cluster on this machine (ray.cluster_utils: a head without
+CPUs and 1 or 2 nodes of 1 CPU), reached by address as `--ray-address` does (code shipped with
+runtime_env; the cluster's start and the connection are not timed, each node's first worker is);
 slurm = array parallelism on the cluster's default partition (scripts/slurm-local.sh up).
 On a machine shared with other work the figures include their contention: the load average is printed.
 """
@@ -72,19 +75,33 @@ def seconds_per_step() -> float:
 
 
 def backend_for(name: str, workers: int):
+    """(backend, close): close() takes down what was started for it."""
     from schedulers import get_backend
 
     if name == "local":
-        return get_backend("local", device="cpu", workers=workers)  # threads: each job's resources.cpus
+        return get_backend("local", device="cpu", workers=workers), lambda: None  # threads: jobs' resources.cpus
     if name == "ray":
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
         ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
                  logging_level="warning")
-        return get_backend("ray", device="cpu", cpus_per_job=1)
-    return get_backend("slurm", device="cpu", cpus_per_job=1, array_parallelism=workers, poll_s=0.5)
+        return get_backend("ray", device="cpu", cpus_per_job=1), ray.shutdown
+    if name == "ray-nodes":
+        import ray
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes(timeout=120)
+        backend = get_backend("ray", device="cpu", cpus_per_job=1, address=cluster.address)
+        backend._connect()  # as `--ray-address` connects (code shipped), before the clock starts
+
+        def close():
+            ray.shutdown()
+            cluster.shutdown()
+        return backend, close
+    return get_backend("slurm", device="cpu", cpus_per_job=1, array_parallelism=workers, poll_s=0.5), lambda: None
 
 
 def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) -> dict:
@@ -94,14 +111,13 @@ def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) ->
 
     out = base / f"{name}-{workers}.zarr"
     jobs = make_store(manifest, out, n_jobs)
-    backend = backend_for(name, workers)
-    t0 = time.perf_counter()
-    backend.run(jobs, out, Progress(), run_job)  # every backend runs a job with its resources.cpus threads
-    wall = time.perf_counter() - t0
-    if name == "ray":
-        import ray
-
-        ray.shutdown()
+    backend, close = backend_for(name, workers)
+    try:
+        t0 = time.perf_counter()
+        backend.run(jobs, out, Progress(), run_job)  # every backend runs a job with its resources.cpus threads
+        wall = time.perf_counter() - t0
+    finally:
+        close()
     root = zarr.open_group(str(out), mode="r")
     rows = [j.index for j in jobs]
     fields = list(root["summary"]["values"].attrs["summary_fields"])
@@ -126,7 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=8, help="jobs in the cohort (default 8)")
     ap.add_argument("--job-seconds", type=float, default=10.0, help="target solver time per job (default 10 s)")
-    ap.add_argument("--backends", default="local,ray,slurm")
+    ap.add_argument("--backends", default="local,ray,ray-nodes,slurm")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by pool processes, Ray workers and Slurm tasks
 
@@ -158,7 +174,7 @@ def main() -> None:
         print(f"{r['backend']:8} {r['workers']:>7} {r['wall']:>8.1f} {r['solver']:>10.2f} {r['worker']:>10.2f} "
               f"{r['orch']:>9.2f} {speed:>8.2f} {speed / r['workers']:>7.2f}")
     print("\ngoals: efficiency >= 0.9 at 2 workers (jobs >= 10 s); orch/job < 0.5 s for local and ray; "
-          "slurm: stated above")
+          "ray-nodes and slurm: stated above")
     solo = {r["backend"]: r["solver"] for r in rows if r["workers"] == 1}
     for r in rows:
         if r["workers"] == 2 and r["solver"] > 1.3 * solo[r["backend"]]:

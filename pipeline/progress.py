@@ -38,6 +38,9 @@ class Progress:
     def close(self) -> None:
         pass
 
+    def note(self, text: str) -> None:
+        """A line about the run itself (e.g. waiting for a cluster), not about one job; quiet: nothing."""
+
     @property
     def finished(self) -> int:
         return sum(self.counts.values())
@@ -74,6 +77,9 @@ class PlainProgress(Progress):
         print(f"[{self.finished}/{self.total}] {status:8s} {job.label} "
               f"(done {self.counts['done']}, failed {self.failed}{eta_text})", file=self.stream, flush=True)
 
+    def note(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
 
 class RichProgress(Progress):
     """A rich bar with done / failed / running counts and time remaining."""
@@ -105,6 +111,9 @@ class RichProgress(Progress):
     def job_finished(self, job: "Job", status: str) -> None:
         super().job_finished(job, status)
         self.bar.update(self.task, advance=1, counts=self._counts_text())
+
+    def note(self, text: str) -> None:
+        self.bar.console.print(text, markup=False, highlight=False)
 
     def close(self) -> None:
         self.bar.stop()

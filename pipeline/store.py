@@ -11,7 +11,7 @@ root `zarr.json` (rewritten after every metadata change).
                            config seed params(json) source steps image_group image_index, written
                            whole by the driver; the ledger, one chunk (1,) per job, worker-written:
                            status attempts runtime_s device error log_path heartbeat threads host
-                           checksum
+                           node ray_node_id checksum
       metrics/ values (job, metric, step) float32, chunk (1, M, S), fill NaN; coordinates job,
                            metric (names), metric_units, step and the job labels; attrs
                            metric_definitions (JSON text {task: definition of psnr, ssim, ...})
@@ -65,9 +65,12 @@ COORDS = ("scan_id", "task", "solver", "config", "params", "source", "image_grou
 INT_COORDS = ("seed", "steps", "image_index")
 # heartbeat: Unix time the worker last said it is alive (a "running" job whose heartbeat is old
 # belongs to a dead worker); threads: torch threads the job ran with; host: where it ran;
+# node: the scheduler's name of that node (Ray: the node's name, by default its IP; else the host);
+# ray_node_id: the Ray node's id (hex; "" off Ray: several Ray nodes may share one host and name);
 # checksum: JSON {part: digest} of what the job wrote (see `data_digest`), written before status
 LEDGER = {"status": "int8", "attempts": "int32", "runtime_s": "float64", "device": str, "error": str,
-          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str, "checksum": str}
+          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str, "node": str, "ray_node_id": str,
+          "checksum": str}
 IMAGE_ARRAYS = ("final", "early_stopped", "ema", "reference", "degraded")
 DISPLAY_IMAGES = ("reference", "degraded")                    # magnitude channels; the others network format
 PACKAGES = ("dipcohort", "torch", "numpy", "scipy", "scikit-image", "zarr", "xarray", "dask", "pydantic")
@@ -85,6 +88,7 @@ LONG_NAMES = {
     "runtime_s": "wall time of the whole job", "device": "device the job ran on", "error": "error message",
     "log_path": "job log, relative to the store", "heartbeat": "last heartbeat of the worker",
     "threads": "torch threads of the job", "host": "host the job ran on",
+    "node": "cluster node the job ran on", "ray_node_id": "Ray node id the job ran on",
     "checksum": "digests of what the job wrote (JSON)", "metric": "per-step metric", "field": "summary field",
     "step": "optimiser step", "final": "reconstruction returned by the solver",
     "early_stopped": "reconstruction at the early-stopping step", "ema": "exponential moving average image",
@@ -859,8 +863,8 @@ class JobWriter:
         self.i = job.index
         self.digests: dict[str, str] = {}
 
-    def start(self, device: str, threads: int = 0) -> int:
-        """Mark running, count the attempt; returns the attempt number."""
+    def start(self, device: str, threads: int = 0, node: str = "", ray_node_id: str = "") -> int:
+        """Mark running, count the attempt, record where (node: default the host); returns the attempt number."""
         g = self.root[JOBS]
         try:
             attempts = int(g["attempts"][self.i]) + 1
@@ -870,6 +874,8 @@ class JobWriter:
         g["device"][self.i] = device
         g["threads"][self.i] = int(threads)
         g["host"][self.i] = socket.gethostname()
+        g["node"][self.i] = node or socket.gethostname()
+        g["ray_node_id"][self.i] = ray_node_id
         g["heartbeat"][self.i] = time.time()
         g["checksum"][self.i] = ""
         g["status"][self.i] = STATUS_CODES["running"]

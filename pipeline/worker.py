@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
+import os
 import sys
 import math
 import time
@@ -69,13 +70,17 @@ def job_threads(job: Job):
         torch.set_num_threads(before)
 
 
-def run_job(job: Job, store_path: str | Path, device: str | torch.device | None = None) -> str:
-    """Run one job and record it in the store; returns 'done', 'diverged', 'failed' or 'interrupted'."""
+def run_job(job: Job, store_path: str | Path, device: str | torch.device | None = None,
+            where: dict[str, str] | None = None) -> str:
+    """Run one job and record it in the store; returns 'done', 'diverged', 'failed' or 'interrupted'.
+
+    where: the backend's name of the place it runs, recorded in the ledger (`node`, `ray_node_id`;
+    default: the host)."""
     stop = StopCheck(store_path)
     if stop():
         return "interrupted"  # the driver is stopping: leave the job for the rerun, untouched
     with job_threads(job) as threads:
-        return _run_job(job, store_path, device, threads, stop)
+        return _run_job(job, store_path, device, threads, stop, where or {})
 
 
 # the file system, not the job: the job is 'interrupted' (rerun continues it), never 'failed'
@@ -86,7 +91,7 @@ def environment_error(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
 
 
-def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopCheck) -> str:
+def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopCheck, where: dict) -> str:
     from recon.solvers.loop import StopRequested
 
     t0 = time.perf_counter()
@@ -95,7 +100,7 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
     log = JobLog(log_path(store_path, job.job_id))
     try:
         writer = JobWriter(store_path, job)
-        attempt = writer.start(label, threads)
+        attempt = writer.start(label, threads, **where)
     except Exception as err:
         if environment_error(err):  # nothing could be recorded: the job stays as it was for the rerun
             print(f"job {job.job_id}: cannot write to {store_path}: {err}", file=sys.stderr, flush=True)
@@ -104,7 +109,9 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
         raise
     error = ""
     try:
-        log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label} with {threads} thread(s); "
+        place = "".join(f" {name} {value}" for name, value in where.items() if value)
+        log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label}{place} pid {os.getpid()} with "
+                 f"{threads} thread(s); "
                  f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
         status = _execute(job, store_path, dev, writer, log, stop)
     except StopRequested as err:

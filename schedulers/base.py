@@ -72,9 +72,14 @@ class Backend(ABC):
         """Run every job with `job_fn` (progress.job_started / job_finished for each); return when all ended."""
 
 
-def run_one(job_fn: JobFn, job: Job, store_path: str | Path, device: str | None = None) -> str:
-    """Call the job function; an error escaping it (it should not) counts as 'failed', never stops the cohort."""
+def run_one(job_fn: JobFn, job: Job, store_path: str | Path, device: str | None = None,
+            where: dict[str, str] | None = None) -> str:
+    """Call the job function; an error escaping it (it should not) counts as 'failed', never stops the cohort.
+
+    where: the ledger's placement fields (`node`, `ray_node_id`) when the backend knows better than the host."""
     try:
+        if where:
+            return job_fn(job, store_path, device=device, where=where)
         return job_fn(job, store_path, device=device)
     except Exception:  # noqa: BLE001 - isolation of jobs is the point
         traceback.print_exc()

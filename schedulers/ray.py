@@ -1,23 +1,39 @@
-"""Ray backend: one Ray task per job, on a running cluster or on a local one sized to this machine.
+"""Ray backend: jobs run on long-lived Ray actors ("warm workers"), on a running cluster or on a
+local one sized to this machine.
 
-Each task asks Ray for explicit `num_cpus` and `num_gpus` (fractional GPUs pack several small
-reconstructions on one device; torch's per-process memory fraction is set to match). At most
-`max_in_flight` tasks exist at a time (default 2 x the cluster's job slots; `--workers N` > 1
-runs at most N at once), so a cohort of thousands of jobs never becomes thousands of pending
-tasks; a `ray.wait` loop collects results. Connecting to a running cluster (`--ray-address`)
-ships the recon, pipeline and schedulers packages with the job (runtime_env py_modules), so the
-nodes need the dependencies (torch, zarr, ...) but not this code.
+Worker reuse, decided: one actor per job slot, kept for the whole run. An actor asks Ray for the
+job's `num_cpus` and `num_gpus` once (fractional GPUs pack several small reconstructions on one
+device; torch's per-process memory fraction is set to match), so its device never changes under
+it: a plain Ray task in a reused worker process may be granted another GPU after CUDA has read
+CUDA_VISIBLE_DEVICES, and an actor cannot. It keeps what does not change between jobs: the CUDA
+context, torch's allocator and the per-process caches of recon (e.g. a CT geometry's operator
+norm), which a fresh process per job (`max_calls=1`) would pay for on every job (process start,
+`import torch`, CUDA start-up: seconds). An actor runs one job at a time (the driver dispatches a
+job only to an idle actor) and each job's log says which process ran it (`pid`).
 
-Failures: the worker records exceptions inside a job itself (status 'failed', not retried).
-A worker process that dies (killed, node lost) is retried by Ray up to `max_retries` times;
-after that, or when Ray's memory monitor kills it, the driver records the job as failed with
-the reason. CUDA out-of-memory inside a job is an exception like any other: 'failed' with
-torch's message.
+The driver keeps at most `max_in_flight` actors (default: the cluster's job slots for the first
+job's request; `--workers N` > 1: N); jobs wait in the driver, so a cohort of thousands of jobs never becomes thousands of
+pending Ray tasks. Connecting to a running cluster (`--ray-address`) ships the recon, pipeline
+and schedulers packages with the job (runtime_env py_modules), so the nodes need the
+dependencies (torch, zarr, ...) but not this code. A cluster may grow while the run goes on:
+the job slots are counted again every few seconds and more actors started; on a running cluster
+a request that does not fit now (e.g. no GPU yet) waits for a node, with a line saying so,
+instead of being refused (only a local cluster, whose size is fixed, refuses it).
+
+Failures: the worker records exceptions inside a job itself (status 'failed', not retried). An
+actor that dies (killed, out of memory, its node lost) is not restarted in place by Ray
+(`max_restarts=0`); the driver instead retries its job up to `max_retries` times on another actor
+and starts a replacement that Ray places wherever there is room, so the jobs of a lost node move
+to the surviving ones rather than wait for a restart that needs the lost node's resources. After
+`max_retries` the job is recorded as failed with the reason. CUDA out-of-memory inside a job is
+an exception like any other: 'failed' with torch's message.
 """
 from __future__ import annotations
 
 import math
 import re
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,27 +43,39 @@ from schedulers.base import Backend, JobFn, run_one, with_cpus
 from schedulers.ledger import record_lost
 
 DEFAULT_MAX_RETRIES = 2  # retries after a worker process died; a job that kills its worker 3x is failed
+RECOUNT_S = 5.0          # how often the driver counts the cluster's job slots again (it may scale up)
+WAIT_NOTE_S = (10.0, 60.0)  # first 'waiting for the cluster' line after this long, then every so often
+START_FAILURES = 3       # actors in a row that could not start (e.g. the shipped code fails to import): give up
 
 
-def _run_task(job_fn: JobFn, job: Job, store_path: str, device: str | None, num_gpus: float) -> str:
-    """Body of the Ray task (runs in a Ray worker process, which Ray reuses between tasks).
+class JobRunner:
+    """A warm worker (a Ray actor): runs one job at a time on the device Ray granted it for its life."""
 
-    The job function sets the job's torch threads (its resources.cpus), as on every backend.
-    """
-    import torch
+    def __init__(self, device: str | None, num_gpus: float):
+        import os
 
-    if device is None or str(device).startswith("cuda"):
-        # Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted this task: it is cuda:0 in here
-        device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    on_gpu = str(device).startswith("cuda")
-    if on_gpu and 0 < num_gpus < 1:
-        # a fraction of a GPU: keep torch's caching allocator within that share of the memory
-        torch.cuda.set_per_process_memory_fraction(num_gpus, torch.device(device).index or 0)
-    try:
-        return run_one(job_fn, job, store_path, device=device)
-    finally:
-        if on_gpu:
-            torch.cuda.empty_cache()  # the process serves the next task: hand back cached blocks
+        import ray
+        import torch
+
+        if device is None or str(device).startswith("cuda"):
+            # Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted this actor: it is cuda:0 in here
+            device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if str(device).startswith("cuda") and 0 < num_gpus < 1:
+            # a fraction of a GPU: keep torch's caching allocator within that share of the memory
+            torch.cuda.set_per_process_memory_fraction(num_gpus, torch.device(device).index or 0)
+        self.device = device
+        node_id = ray.get_runtime_context().get_node_id()
+        names = [n["NodeName"] for n in ray.nodes() if n["NodeID"] == node_id]
+        self.where = {"node": names[0] if names else ray.util.get_node_ip_address(), "ray_node_id": node_id}
+        self.pid = os.getpid()
+
+    def ready(self) -> dict:
+        """Answers once Ray has placed and started the actor."""
+        return {"pid": self.pid, **self.where}
+
+    def run(self, job_fn: JobFn, job: Job, store_path: str) -> str:
+        """The job function sets the job's torch threads (its resources.cpus), as on every backend."""
+        return run_one(job_fn, job, store_path, device=self.device, where=self.where)
 
 
 class RayBackend(Backend):
@@ -81,24 +109,33 @@ class RayBackend(Backend):
             raise ValueError(f"job {job.job_id}: gpus {gpus} - fractions are only allowed below 1 GPU")
         return max(cpus, 0.0), gpus
 
-    def _slots(self, jobs: Sequence[Job]) -> int:
-        """How many jobs the cluster runs at once (by the first job's request)."""
+    def _slots(self, request: tuple[float, float]) -> int:
+        """How many jobs of this request the cluster runs at once now (0: none fits yet)."""
         import ray
 
         total = ray.cluster_resources()
-        cpus, gpus = self._resources(jobs[0])
         slots = math.inf
-        if cpus > 0:
-            slots = min(slots, total.get("CPU", 0) // cpus)
-        if gpus > 0:
-            if total.get("GPU", 0) <= 0:
-                raise ValueError(f"jobs ask for {gpus:g} GPU each but the Ray cluster has no GPU; "
-                                 f"run with --gpus-per-job 0 or connect to a cluster with GPUs (--ray-address)")
-            slots = min(slots, total["GPU"] // gpus)
-        if slots < 1:
-            raise ValueError(f"no node of the Ray cluster can run a job asking for {cpus:g} CPU(s) and "
-                             f"{gpus:g} GPU(s) (cluster: {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)")
+        for name, need in zip(("CPU", "GPU"), request):
+            if need > 0:
+                slots = min(slots, total.get(name, 0) // need)
         return int(slots) if slots != math.inf else 1
+
+    def _limit(self, request: tuple[float, float]) -> int:
+        """Actors to keep: the user's cap, else the cluster's slots (at least 1 on a running cluster,
+        whose request for resources is what makes an autoscaler add a node)."""
+        from pipeline.errors import UsageError
+
+        if self.max_in_flight or self.workers > 1:
+            return int(self.max_in_flight or self.workers)
+        slots = self._slots(request)
+        if slots < 1 and not self.address:
+            import ray
+
+            total = ray.cluster_resources()
+            raise UsageError(f"--backend ray: no node of the local Ray cluster can run a job asking for "
+                             f"{request[0]:g} CPU(s) and {request[1]:g} GPU(s) (cluster: {total.get('CPU', 0):g} "
+                             f"CPUs, {total.get('GPU', 0):g} GPUs); connect to a cluster that has them (--ray-address)")
+        return max(1, slots)
 
     # ---- before anything is written --------------------------------------------------------
     def preflight(self, jobs: Sequence[Job]) -> None:
@@ -135,7 +172,10 @@ class RayBackend(Backend):
         if self.address:
             # the cluster's nodes may not have this code: ship the three packages with the job
             env = {"py_modules": _packages()} if self.ship_code else None
-            ray.init(address=self.address, log_to_driver=False, logging_level="warning", runtime_env=env)
+            try:
+                ray.init(address=self.address, log_to_driver=False, logging_level="warning", runtime_env=env)
+            except ConnectionError as err:
+                raise _connection_refused(self.address, err) from None
         else:
             import torch
 
@@ -154,66 +194,187 @@ class RayBackend(Backend):
 
         started = self._connect()
         try:
-            self._run(list(jobs), str(Path(store_path).resolve()), progress, job_fn)
+            _Run(self, list(jobs), str(Path(store_path).resolve()), progress, job_fn).loop()
         finally:
             if started:
                 ray.shutdown()
 
-    def _run(self, jobs: list[Job], store_path: str, progress: Progress, job_fn: JobFn) -> None:
+
+class _Run:
+    """One run's actors and queues: jobs wait here (per resource request) for an idle actor of their request."""
+
+    def __init__(self, backend: RayBackend, jobs: list[Job], store_path: str, progress: Progress, job_fn: JobFn):
         import ray
 
+        self.b, self.store_path, self.progress, self.job_fn = backend, store_path, progress, job_fn
+        self.queues: dict[tuple[float, float], deque[Job]] = {}
+        for job in jobs:
+            self.queues.setdefault(backend._resources(job), deque()).append(job)
+        self.runner = ray.remote(JobRunner)
+        self.starting: dict[Any, tuple[Any, tuple]] = {}   # ready() ref -> (actor, request)
+        self.idle: dict[tuple, list[Any]] = {}              # request -> actors waiting for a job
+        self.busy: dict[Any, tuple[Any, tuple, Job]] = {}  # run() ref -> (actor, request, job)
+        self.crashes: dict[str, int] = {}                  # job id -> times its actor died under it
+        self.start_failures = 0
+        first = next(iter(self.queues))
+        self.limit, self.counted = self.b._limit(first), time.monotonic()
+        self.waiting_since, self.noted = time.monotonic(), 0
+        self.fits_now = self.b._slots(first) >= 1  # no: say at once that the run waits for the cluster
+
+    # ---- the loop --------------------------------------------------------------------------
+    def loop(self) -> None:
+        import ray
+
+        try:
+            while self._step():
+                # a timeout, so that the driver's signal handlers run while it waits
+                refs = [*self.busy, *self.starting]
+                if not refs:  # only idle actors of requests still to start: the next step starts them
+                    continue
+                ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+                for ref in ready:
+                    self._answered(ref)
+        except BaseException:
+            self._kill(list(self.busy.values()))  # driver interrupted: leave no orphan reconstruction running
+            raise
+        finally:
+            self._kill([*self.starting.values(), *((a, r) for r, actors in self.idle.items() for a in actors)])
+
+    def _step(self) -> bool:
+        """Dispatch, retire and start actors; False when nothing is left to wait for."""
+        if self.b.stopping.is_set():
+            self._kill([*self.starting.values(), *((a, r) for r, actors in self.idle.items() for a in actors)])
+            self.starting.clear()
+            self.idle.clear()
+            return bool(self.busy)
+        self._dispatch()
+        if not any(self.queues.values()):
+            return bool(self.busy)
+        self._grow()
+        self._note_waiting()
+        return True
+
+    def _dispatch(self) -> None:
+        for request, actors in self.idle.items():
+            queue = self.queues.get(request)
+            while actors and queue:
+                actor, job = actors.pop(), queue.popleft()
+                ref = actor.run.options(name=f"dipcohort:{job.job_id}").remote(
+                    self.job_fn, with_cpus(job, request[0]), self.store_path)
+                self.busy[ref] = (actor, request, job)
+                if job.job_id not in self.crashes:  # a retry was started already, as progress sees it
+                    self.progress.job_started(job)
+            if not queue:  # nothing left of this request: free its resources for the others
+                self._kill([(a, request) for a in actors])
+                actors.clear()
+
+    def _grow(self) -> None:
+        """Start actors up to the limit (counted again every RECOUNT_S: the cluster may have grown)."""
+        if not (self.b.max_in_flight or self.b.workers > 1) and time.monotonic() - self.counted > RECOUNT_S:
+            request = self._request() or next(r for r, q in self.queues.items() if q)
+            self.limit, self.counted = max(self.limit, self.b._limit(request)), time.monotonic()
+        while len(self.starting) + len(self.busy) + sum(map(len, self.idle.values())) < self.limit:
+            request = self._request()
+            if request is None:
+                return
+            cpus, gpus = request
+            actor = self.runner.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1).remote(
+                self.b.device, gpus)
+            self.starting[actor.ready.remote()] = (actor, request)
+
+    def _request(self) -> tuple | None:
+        """The request whose queued jobs most outnumber the actors already there for it."""
+        have: dict[tuple, int] = {r: len(a) for r, a in self.idle.items()}
+        for _, r in self.starting.values():
+            have[r] = have.get(r, 0) + 1
+        wanting = {r: len(q) - have.get(r, 0) for r, q in self.queues.items() if len(q) > have.get(r, 0)}
+        return max(wanting, key=wanting.get) if wanting else None
+
+    def _note_waiting(self) -> None:
+        """Say so when no actor could be placed for a while (the cluster may be scaling up)."""
+        if self.busy or any(self.idle.values()):
+            self.waiting_since, self.noted = time.monotonic(), 0
+            return
+        waited = time.monotonic() - self.waiting_since
+        due = 0.0 if not (self.fits_now or self.noted) else WAIT_NOTE_S[0] + self.noted * WAIT_NOTE_S[1]
+        if waited < due:
+            return
+        import ray
+
+        self.noted += 1
+        cpus, gpus = self._request() or next(iter(self.queues))
+        total = ray.cluster_resources()
+        self.progress.note(f"waiting {waited:.0f} s for the Ray cluster to place a worker: each asks {cpus:g} CPU(s) "
+                           f"and {gpus:g} GPU(s), the cluster has {total.get('CPU', 0):g} CPUs and "
+                           f"{total.get('GPU', 0):g} GPUs; it may be scaling up, or add a node (`ray start "
+                           f"--address={self.b.address or 'HEAD:6379'} --num-gpus=N`); Ctrl-C stops")
+
+    # ---- answers ---------------------------------------------------------------------------
+    def _answered(self, ref: Any) -> None:
+        import ray
+
+        if ref in self.starting:
+            actor, request = self.starting.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as err:
+                self._start_failed(err)
+                return
+            self.start_failures = 0
+            self.idle.setdefault(request, []).append(actor)
+            return
+        actor, request, job = self.busy.pop(ref)
+        status, actor_alive = self._outcome(ref, job)
+        if actor_alive:
+            self.idle.setdefault(request, []).append(actor)
+        else:
+            self._kill([(actor, request)])
+        if status is None:
+            self.queues[request].appendleft(job)  # its actor died: run it again, first (still 'running' to progress)
+        else:
+            self.progress.job_finished(job, status)
+
+    def _start_failed(self, err: BaseException) -> None:
+        """An actor that could not start (its node lost, or the shipped code failed): give up after several."""
         from pipeline.errors import UsageError
 
-        task = ray.remote(_run_task)
-        try:
-            limit = self.max_in_flight or (self.workers if self.workers > 1 else 2 * self._slots(jobs))
-        except ValueError as err:
-            raise UsageError(f"--backend ray: {err}") from None
-        queue = iter(jobs)
-        in_flight: dict[Any, Job] = {}
-        try:
-            while True:
-                while len(in_flight) < limit and not self.stopping.is_set():
-                    job = next(queue, None)
-                    if job is None:
-                        break
-                    cpus, gpus = self._resources(job)
-                    ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=self.max_retries,
-                                       retry_exceptions=False, name=f"dipcohort:{job.job_id}").remote(
-                        job_fn, with_cpus(job, cpus), store_path, self.device, gpus)
-                    in_flight[ref] = job
-                    progress.job_started(job)
-                if not in_flight:
-                    break
-                # a timeout, so that the driver's signal handlers run while it waits
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    job = in_flight.pop(ref)
-                    progress.job_finished(job, self._outcome(ref, job, store_path))
-        except BaseException:
-            for ref in in_flight:  # driver interrupted: leave no orphan reconstruction running
-                ray.cancel(ref, force=True)
-            raise
+        self.start_failures += 1
+        if self.start_failures >= START_FAILURES:
+            raise UsageError(f"--backend ray: {START_FAILURES} Ray workers in a row could not start "
+                             f"({type(err).__name__}): {_last_line(err)}\n{_plain(err)}")
 
-    def _outcome(self, ref: Any, job: Job, store_path: str) -> str:
+    def _outcome(self, ref: Any, job: Job) -> tuple[str | None, bool]:
+        """(status, whether the actor lives on); status None: the job is to be run again."""
         import ray
         from ray import exceptions as rex
 
         try:
-            return ray.get(ref)
-        except rex.OutOfMemoryError as err:
-            reason = f"killed by Ray's memory monitor (host out of memory): {_first_line(err)}"
-        except (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError, rex.ObjectLostError) as err:
-            reason = (f"Ray worker process died {self.max_retries + 1} time(s) running this job "
-                      f"({type(err).__name__}): {_first_line(err)}")
+            return ray.get(ref), True
+        except rex.RayActorError as err:
+            died = self.crashes[job.job_id] = self.crashes.get(job.job_id, 0) + 1
+            if self.b.stopping.is_set():
+                return "interrupted", False
+            if died <= self.b.max_retries:
+                return None, False
+            why = "host out of memory, " if "memory" in _plain(err).lower() else ""
+            reason = (f"Ray worker process died {died} time(s) running this job ({why}{type(err).__name__}): "
+                      f"{_first_line(err)}")
+            alive = False
         except rex.TaskCancelledError as err:
-            if self.stopping.is_set():
-                return "interrupted"  # the driver records what the task could not
-            reason = f"Ray task cancelled: {_first_line(err)}"
-        except rex.RayError as err:  # e.g. the task could not be unpickled or imported on the node
-            reason = f"Ray error ({type(err).__name__}): {_last_line(err)}\n{_plain(err)}"
-        record_lost(job, store_path, reason)
-        return "failed"
+            if self.b.stopping.is_set():
+                return "interrupted", True  # the driver records what the task could not
+            reason, alive = f"Ray task cancelled: {_first_line(err)}", True
+        except rex.RayError as err:  # e.g. the job could not be unpickled or imported on the node
+            reason, alive = f"Ray error ({type(err).__name__}): {_last_line(err)}\n{_plain(err)}", True
+        record_lost(job, self.store_path, reason)
+        return "failed", alive
+
+    @staticmethod
+    def _kill(actors) -> None:
+        import ray
+
+        for actor, *_ in actors:
+            ray.kill(actor, no_restart=True)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -232,6 +393,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except OSError as err:
         raise UsageError(f"--ray-address {address}: nothing answers there within {timeout_s:g} s ({err}); "
                          f"start the cluster with `ray start --head` or fix the address") from None
+
+
+def _connection_refused(address: str, err: ConnectionError):
+    """Something answers at the address but Ray would not connect: most often token authentication."""
+    import os
+
+    from pipeline.errors import UsageError
+
+    hint = ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        # Ray >= 2.5x starts a head with token authentication when ~/.ray/auth_token exists, and
+        # then refuses clients that do not send the token (RAY_AUTH_MODE unset means 'disabled')
+        hint = ("; if the cluster uses token authentication, run with RAY_AUTH_MODE=token and its token in "
+                "~/.ray/auth_token (or RAY_AUTH_TOKEN), as `ray start --address` needs too")
+    return UsageError(f"--ray-address {address}: Ray could not connect to the cluster there ({_first_line(err)}){hint}")
 
 
 def _plain(err: BaseException) -> str:

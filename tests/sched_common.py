@@ -26,12 +26,13 @@ SCANS = {"cam": "skimage:camera", "moon": "skimage:moon"}
 
 
 def write_manifest(path: Path, *, steps: int = 100, seeds=(0, 1), scans: dict[str, str] | None = None,
-                   checkpoint_every: int = 0, cohort: str = "sched", cpus: int = 1) -> Path:
+                   checkpoint_every: int = 0, cohort: str = "sched", cpus: int = 1, task: str = "denoise",
+                   task_params: str = "{sigma: 25}") -> Path:
     lines = [f"cohort: {cohort}", f"steps: {steps}", f"seeds: [{', '.join(map(str, seeds))}]", "size: 32",
              "metrics: {ssim_every: 10}", f"resources: {{gpus: 0, cpus: {cpus}, mem_gb: 1, time_min: 10}}",
              f"checkpoint_every: {checkpoint_every}", "scans:"]
     for scan_id, source in (scans or SCANS).items():
-        lines.append(f'  - {{id: {scan_id}, source: "{source}", task: denoise, params: {{sigma: 25}}}}')
+        lines.append(f'  - {{id: {scan_id}, source: "{source}", task: {task}, params: {task_params}}}')
     lines += ["solvers:", "  - {name: dip, params: {network: tiny}}"]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -114,6 +115,13 @@ def log_text(store: Path, job_id: str) -> str:
 
     path = log_path(store, job_id)
     return path.read_text() if path.is_file() else ""
+
+
+def start_pids(store: Path, job_id: str) -> list[int]:
+    """The worker process of each attempt of the job (the pid in its log's start lines)."""
+    import re
+
+    return [int(p) for p in re.findall(r"^.*start job .* pid (\d+) ", log_text(store, job_id), re.M)]
 
 
 def cli(*args: str, check: bool = True, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """Ray backend against a real local Ray cluster (2 CPUs, no dashboard): same ids and numbers as the
-local backend; a Ray worker killed mid-job is retried and the store ends intact; an exception
-inside a job is recorded as failed and not retried."""
+local backend; a warm worker (actor) runs job after job in one process and builds a CT geometry's
+operator once; a worker killed mid-job is replaced and the job retried, the store ends intact; an
+exception inside a job is recorded as failed and not retried. Multi-node: test_sched_ray_cluster.py."""
 from __future__ import annotations
 
 import os
@@ -54,6 +55,7 @@ def test_ray_matches_local(cluster, cohort, tmp_path):
 
 
 def test_killed_ray_worker_is_retried(cluster, cohort, tmp_path):
+    """The actor running the job is killed (SIGKILL): a new actor runs the job again."""
     manifest, reference = cohort
     out = tmp_path / "ray-kill.zarr"
     jobs = sc.make_store(manifest, out)
@@ -97,3 +99,30 @@ def test_exception_in_job_is_failed_not_retried(cluster, tmp_path):
 
     error = str(zarr.open_group(str(out), mode="r")["jobs/error"][[j.index for j in jobs if j.scan.id == "gone"][0]])
     assert "scan.npy" in error
+
+
+def test_warm_worker_keeps_its_process_and_operator_cache(cluster, tmp_path):
+    from pipeline.worker import run_job
+    from schedulers.ray import JobRunner
+
+    # three CT jobs of one geometry (32 px, 18 views), two scans: one actor runs them one after another
+    manifest = sc.write_manifest(tmp_path / "ct.yaml", steps=5, seeds=(0, 1), task="ct", task_params="{}",
+                                 scans={"cam": "skimage:camera", "moon": "skimage:moon"})
+    out = tmp_path / "ct.zarr"
+    jobs = sc.make_store(manifest, out)[:3]
+    actor = ray.remote(JobRunner).options(num_cpus=1).remote("cpu", 0.0)
+    try:
+        pid = ray.get(actor.ready.remote())["pid"]
+        assert [ray.get(actor.run.remote(run_job, job, str(out))) for job in jobs] == ["done"] * 3
+
+        def probe(runner):
+            import os
+
+            from recon.operators.ct import system_matrix
+
+            info = system_matrix.cache_info()
+            return os.getpid(), info.misses, info.hits
+        assert ray.get(actor.__ray_call__.remote(probe)) == (pid, 1, 2)  # built once, reused twice
+    finally:
+        ray.kill(actor)
+    assert {p for job in jobs for p in sc.start_pids(out, job.job_id)} == {pid}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ def test_success_writes_everything_and_status_last(tmp_path, monkeypatch):
     g = root["jobs"]
     assert g["status"][i] == STATUS_CODES["done"] and g["attempts"][i] == 1
     assert g["device"][i] == "cpu" and g["error"][i] == "" and g["runtime_s"][i] > 0
+    # off a cluster the node is the host; only Ray records a Ray node id
+    assert g["node"][i] == g["host"][i] == socket.gethostname() and g["ray_node_id"][i] == ""
     names = list(root.attrs["metric_names"])
     m = root["metrics/values"][i]
     steps_run = int(root["summary/values"][i][list(st.SUMMARY_FIELDS).index("steps")])

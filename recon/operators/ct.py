@@ -8,12 +8,15 @@ for D samples t = -D//2 .. D - 1 - D//2, with the image zero outside its support
 uses D = N detectors (the inscribed disc is the field of view), circle=False D = ceil(sqrt(2) N).
 Unit pixel size, so sinogram values equal skimage's. Sinograms are (B, 1, views, detectors).
 
-The matrix A (views*D x N*N) and its transpose are built once (CSR, registered as buffers, so
-`.to(device)` moves them); forward multiplies by A, adjoint by A^T, and the autograd backward
-of each uses the other, so the adjoint is exact by construction on CPU and CUDA.
+The matrix A (views*D x N*N) and its transpose are built once per geometry and process (CSR,
+kept for the last few geometries, so a warm worker running job after job of one geometry builds
+it once; registered as buffers, so `.to(device)` moves them); forward multiplies by A, adjoint
+by A^T, and the autograd backward of each uses the other, so the adjoint is exact by
+construction on CPU and CUDA.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -93,6 +96,15 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape) -> tor
         return torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
 
 
+@functools.lru_cache(maxsize=4)  # a cohort has few geometries; one at 512 px / 30 views is ~230 MiB
+def system_matrix(n: int, d: int, angles: tuple[float, ...]) -> dict[str, torch.Tensor]:
+    """The CSR parts of A and A^T for a geometry ({a,at}_{crow,col,val}); shared, never written to.
+    `system_matrix.cache_info().misses` counts the builds in this process."""
+    a = sp.vstack([_view_block(n, d, th) for th in angles], format="csr")
+    return {f"{name}_{part}": value for name, m in (("a", a), ("at", a.T.tocsr()))
+            for part, value in zip(("crow", "col", "val"), _csr_parts(m))}
+
+
 def fbp_filter(size: int, name: str = "ramp") -> np.ndarray:
     """Frequency response of the FBP filter for a padded length `size`, as skimage builds it:
     the ramp from the Fourier transform of its band-limited spatial kernel (Kak & Slaney 1988,
@@ -148,10 +160,8 @@ class RayTransform(LinearOperator):
         super().__init__((1, 1, n, n))
         self.size, self.detectors, self.circle = n, d, bool(circle)
         self.angles = theta
-        a = sp.vstack([_view_block(n, d, th) for th in theta], format="csr")
-        for name, m in (("a", a), ("at", a.T.tocsr())):
-            for part, value in zip(("crow", "col", "val"), _csr_parts(m)):
-                self.register_buffer(f"{name}_{part}", value, persistent=False)
+        for name, value in system_matrix(n, d, tuple(float(t) for t in theta)).items():
+            self.register_buffer(name, value, persistent=False)
         self.filter_name = filter_name
         # skimage pads the (circle-to-square padded) sinogram to a power of two >= 64
         diag = math.ceil(math.sqrt(2) * d) if circle else d

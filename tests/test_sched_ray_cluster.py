@@ -1,0 +1,133 @@
+"""The Ray backend on a real multi-node Ray cluster started on this machine (`ray.cluster_utils`:
+a head without CPUs, so every job runs on a worker node, and two worker nodes of 1 CPU), driven
+through the CLI with `--ray-address` (the code shipped with runtime_env):
+
+- jobs run on both nodes (the ledger's ray_node_id and node), each node's warm worker (actor) runs
+  several jobs in one process, and the numbers equal the local backend's;
+- one node's raylet killed (SIGKILL) mid-job loses nothing: its running job is retried on the
+  other node and a rerun has nothing left to do;
+- a run whose jobs ask for a GPU the cluster does not have yet waits, says so, and runs when a
+  node with a GPU joins (Ray's GPU resource on a node of this GPU-less machine; the jobs run on CPU).
+
+The cluster is started once for the module (~6 s on a quiet machine, ~30 s on a loaded one) and
+each test is one or two CLI runs of six 32 px jobs.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import zarr
+
+import sched_common as sc
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dipcohort[ray]')")
+
+pytestmark = pytest.mark.ray
+
+# node death noticed in seconds (Ray's default is about 30 s); generous for a loaded 2-core machine
+HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                       "_system_config": HEALTH})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes(timeout=120)
+    yield c, nodes
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ray-cluster")
+    manifest = sc.write_manifest(base / "cohort.yaml", steps=120, seeds=(0, 1, 2))
+    return manifest, sc.reference_store(manifest, base)
+
+
+def ledger(store) -> dict[str, dict[str, object]]:
+    """{field: {job id: value}} for the placement fields, or {} while the store is being created."""
+    try:
+        g = zarr.open_group(str(store), mode="r")["jobs"]
+        ids = [str(j) for j in g["job"][:]]
+        return {name: dict(zip(ids, g[name][:])) for name in ("ray_node_id", "node", "host", "status")}
+    except (KeyError, FileNotFoundError, ValueError):
+        return {}
+
+
+def ray_run(manifest, out, address, *extra):
+    return ("run", str(manifest), "--out", str(out), "--backend", "ray", "--ray-address", address,
+            "--progress", "plain", *extra)
+
+
+def test_cohort_on_two_nodes_survives_a_killed_raylet(cluster, cohort, tmp_path):
+    from pipeline.jobs import STATUS_CODES
+
+    c, (survivor, victim) = cluster
+    manifest, reference = cohort
+    out = tmp_path / "two-nodes.zarr"
+    driver = sc.start_driver(*ray_run(manifest, out, c.address, "--device", "cpu"))
+    running = STATUS_CODES["running"]
+
+    def victim_busy():
+        """A job running on the victim after at least one finished there: (job id) or None."""
+        led = ledger(out)
+        on_victim = [j for j, n in led.get("ray_node_id", {}).items() if n == victim.node_id]
+        done = [j for j in on_victim if led["status"][j] == STATUS_CODES["done"]]
+        busy = [j for j in on_victim if led["status"][j] == running]
+        return busy[0] if done and busy else None
+
+    try:
+        killed = sc.wait_for(victim_busy, 240, "a second job running on the victim node", every=0.1)
+        c.remove_node(victim, allow_graceful=False)  # SIGKILL to its raylet and the node's other processes
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stderr
+    assert set(sc.statuses(out).values()) == {"done"}
+    led = ledger(out)
+    attempts = sc.attempts(out)
+    assert attempts[killed] == 2 and led["ray_node_id"][killed] == survivor.node_id  # retried elsewhere
+    assert all(n == 1 for j, n in attempts.items() if j != killed)
+    # jobs ran on both nodes; node names and the host are recorded (all nodes share this host here)
+    assert set(led["ray_node_id"].values()) == {survivor.node_id, victim.node_id}
+    assert all(led["node"].values()) and set(led["host"].values()) == {socket.gethostname()}
+    # warm workers: the survivor's one actor ran all its jobs in one process
+    on_survivor = [j for j, n in led["ray_node_id"].items() if n == survivor.node_id]
+    assert len(on_survivor) >= 2 and len({sc.start_pids(out, j)[-1] for j in on_survivor}) == 1
+    sc.assert_same_results(out, reference)
+
+    rerun = sc.cli(*ray_run(manifest, out, c.address, "--device", "cpu"))
+    assert f"0 of {len(attempts)} jobs to run" in rerun.stdout + rerun.stderr
+    assert sc.attempts(out) == attempts
+
+
+def test_run_waits_for_a_gpu_node_to_join(cluster, cohort, tmp_path):
+    c, _ = cluster
+    manifest, reference = cohort
+    out = tmp_path / "scale-up.zarr"
+    driver = sc.start_driver(*ray_run(manifest, out, c.address, "--gpus-per-job", "1"))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(driver.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        sc.wait_for(lambda: any("waiting" in line and "Ray cluster" in line for line in lines), 240,
+                    "the driver to say it waits for the cluster")
+        assert not any(v for v in ledger(out).get("ray_node_id", {}).values())  # nothing could run yet
+        gpu_node = c.add_node(num_cpus=1, num_gpus=1)  # the cluster scales up
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    reader.join(timeout=10)
+    assert driver.returncode == 0, "".join(lines)
+    note = next(line for line in lines if "waiting" in line)
+    assert "asks 1 CPU(s) and 1 GPU(s)" in note and "0 GPUs" in note
+    assert set(sc.statuses(out).values()) == {"done"}
+    assert set(ledger(out)["ray_node_id"].values()) == {gpu_node.node_id}
+    sc.assert_same_results(out, reference)
