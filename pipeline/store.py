@@ -357,14 +357,36 @@ def _create_jobs(root: zarr.Group, jobs: Sequence[Job], path: Path) -> None:
         new_array(g, name, np.asarray(values) if len(jobs) else np.asarray([], dtype=np.asarray(values).dtype))
     coordinates = " ".join([labels, *info])
     n = len(jobs)
-    units = {"runtime_s": {"units": "s"}, "heartbeat": {"units": "seconds since 1970-01-01T00:00:00Z"}}
-    for name, dtype in LEDGER.items():  # chunk (1,): each job owns its ledger entries
-        fill = 0 if name in ("status", "attempts", "threads") else None
-        new_array(g, name, shape=(n,), chunks=(1,), dtype=dtype, fill=fill, coordinates=coordinates,
-               attrs=units.get(name) or ({"flag_values": json.dumps(STATUS_CODES)} if name == "status" else None))
+    for name in LEDGER:
+        _new_ledger_array(g, name, n, coordinates)
     # log paths are known up front; writing them here saves the worker a file per job
     if n:
         g["log_path"][:] = np.asarray([relative_to_store(path, log_path(path, j.job_id)) for j in jobs], dtype=str)
+
+
+def _new_ledger_array(g: zarr.Group, name: str, n: int, coordinates: str) -> zarr.Array:
+    """One ledger array, chunk (1,): each job owns its ledger entries."""
+    units = {"runtime_s": {"units": "s"}, "heartbeat": {"units": "seconds since 1970-01-01T00:00:00Z"}}
+    fill = 0 if name in ("status", "attempts", "threads") else None
+    return new_array(g, name, shape=(n,), chunks=(1,), dtype=LEDGER[name], fill=fill, coordinates=coordinates,
+                     attrs=units.get(name) or ({"flag_values": json.dumps(STATUS_CODES)} if name == "status" else None))
+
+
+def _add_missing_ledger_fields(path: Path, root: zarr.Group, mode: str) -> zarr.Group:
+    """A store made before a ledger field existed (same layout, e.g. `node`) gets it, empty, so
+    stores keep working across such additions; a read-only store is read with the field empty."""
+    missing = [name for name in LEDGER if name not in root[JOBS]]
+    if not missing:
+        return root
+    try:
+        g = zarr.open_group(str(path), mode="r+")[JOBS]
+        coordinates = g["status"].attrs.get("coordinates", "")
+        for name in missing:
+            _new_ledger_array(g, name, g["status"].shape[0], coordinates)
+        consolidate(path)
+    except (OSError, zarr.errors.ContainsArrayError):  # read-only, or another process added it first
+        return root
+    return zarr.open_group(str(path), mode=mode)
 
 
 def _create_data(root: zarr.Group, jobs: Sequence[Job], metric_names: Sequence[str]) -> None:
@@ -511,7 +533,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     if version != LAYOUT_VERSION:
         raise StoreError(f"{path}: store layout {version} was written by another dipcohort version; this one "
                          f"reads layout {LAYOUT_VERSION} only: run the manifest again into a new --out")
-    return root
+    return _add_missing_ledger_fields(path, root, mode)
 
 
 def _not_a_store(path: Path) -> str:
@@ -649,6 +671,9 @@ def read_ledger(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[int, list
     n = g["status"].shape[0]
     out, damage = {}, {}
     for name in LEDGER:
+        if name not in g:  # a read-only store older than this field (_add_missing_ledger_fields)
+            out[name] = np.full(n, "") if LEDGER[name] is str else np.zeros(n, dtype=LEDGER[name])
+            continue
         values, bad = read_rows(g[name], 0, n)
         out[name] = as_text(np.asarray(values)) if LEDGER[name] is str else np.asarray(values)
         for row, why in bad.items():

@@ -309,3 +309,33 @@ def test_a_full_disk_during_creation_leaves_no_store_and_says_so(tmp_path, monke
     finally:  # lazily if zarr's writer threads still hold a file there
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_store_older_than_a_ledger_field_gains_it_and_still_reads(tmp_path):
+    """Ledger fields added later (e.g. `node`) must not break stores made before them."""
+    import json
+    import shutil
+
+    path, jobs, _ = build(tmp_path, n=4)
+    writer = st.JobWriter(path, jobs[0])
+    writer.start("cpu", threads=1)
+    shutil.rmtree(path / st.JOBS / "node")  # as a store made before the field existed
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["consolidated_metadata"]["metadata"].pop(f"{st.JOBS}/node")
+    (path / "zarr.json").write_text(json.dumps(meta))
+    # a read-only file system (root ignores chmod, so the write is made to fail): read, field empty
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    real, st._new_ledger_array = st._new_ledger_array, read_only
+    try:
+        ledger, damage = st.read_ledger(st.open_store(path))
+        assert list(ledger["node"]) == [""] * 4 and not damage and not (path / st.JOBS / "node").exists()
+    finally:
+        st._new_ledger_array = real
+    root = st.open_store(path)  # writable: the field is added, empty, and consolidated
+    assert "node" in root[st.JOBS] and (path / st.JOBS / "node").is_dir()
+    ledger, damage = st.read_ledger(root)
+    assert list(ledger["node"]) == [""] * 4 and ledger["threads"][0] == 1 and not damage
+    st.JobWriter(path, jobs[1]).start("cpu", threads=1, node="n7")
+    assert st.read_ledger(st.open_store(path))[0]["node"][1] == "n7"
