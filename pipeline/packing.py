@@ -1,0 +1,248 @@
+"""Packs: compatible jobs of a cohort run together, as one computation on one device.
+
+Jobs are compatible (one *signature*) when they differ only in scan and seed: same task (kind
+and parameters), image shape (the store's image group), solver and configuration, steps,
+ssim_every, checkpoint_every and resources. The driver cuts each signature's jobs, in manifest
+order, into packs of up to N, from the whole cohort rather than from the jobs left to run, so
+a rerun names the same packs; it hands the backends the packs that still have jobs to run
+(`pipeline.jobs.Pack`, run by `pipeline.worker.run_pack`), and jobs of a solver that cannot be
+packed (`recon.solvers.packable`) one by one.
+
+N is `--pack` or else each configuration's `resources.pack` (default 1: every job alone, so a
+cohort's numbers never depend on the machine it ran on unless packing is asked for; a pack's
+numbers agree with the unpacked run's only to floating-point spread). `auto` chooses N per
+signature (`auto_size`): it runs a pack of one and a pack of two of the signature's jobs for a
+few steps on the run's device, takes the difference of their peak memory as the per-job
+footprint (the rest is shared: runtime, operator), and fills AUTO_MEMORY_SHARE of the free
+memory (CUDA: `torch.cuda.mem_get_info`; CPU: available RAM). On CPU the pack also stays small
+enough that every core gets one (the signature's jobs / cores), since one pack runs on one
+core's threads. Both are capped (AUTO_MAX) and never exceed the signature's jobs. The
+measurement is made where the driver runs: for a Ray or Slurm cluster with other devices,
+give N.
+"""
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import replace
+from typing import Iterable, Sequence
+
+from pipeline.errors import UsageError
+from pipeline.jobs import Job, Pack, canonical_json, jobs_of
+
+AUTO = "auto"
+AUTO_MAX = {"cuda": 64, "cpu": 16}            # beyond these a bigger pack gains little per job
+AUTO_MEMORY_SHARE = {"cuda": 0.8, "cpu": 0.5}  # of the free memory; the rest is headroom
+PROBE_STEPS = 3
+MIN_FOOTPRINT = 1 << 20                        # 1 MiB: a measured growth below this is noise
+
+
+def pack_setting(value: str | int, where: str = "--pack") -> int | str:
+    """`--pack` / resources.pack: a whole number >= 1 or 'auto'."""
+    if str(value).strip().lower() == AUTO:
+        return AUTO
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"{where} {value!r}: expected a whole number >= 1 (jobs run together) or 'auto'")
+    return n
+
+
+def signature(job: Job) -> str:
+    """What jobs of one pack share (everything but scan and seed)."""
+    return canonical_json([job.scan.task, job.scan.kind, job.scan.task_params, job.image_group, job.solver,
+                           job.config, job.params, job.steps, job.ssim_every, job.checkpoint_every,
+                           replace(job.resources, pack=1).__dict__])
+
+
+def form_units(jobs: Sequence[Job], todo: Sequence[Job], override: int | str | None = None, device=None,
+               lines: list[str] | None = None) -> list[Job | Pack]:
+    """The units to hand a backend: packs of `todo`'s jobs (cut from all `jobs`), jobs alone
+    where the size is 1 or the solver cannot be packed; in the order of their first job.
+    `lines` receives one description per signature that is packed."""
+    placed = {j.job_id: j for j in jobs} | {j.job_id: j for j in todo}  # late-placed jobs: todo's rows
+    left = {j.job_id for j in todo}
+    groups: dict[str, list[Job]] = {}
+    for job in placed.values():
+        groups.setdefault(signature(job), []).append(job)
+    units: list[Job | Pack] = []
+    for members in groups.values():
+        members.sort(key=lambda j: j.index)
+        running = [j for j in members if j.job_id in left]
+        if not running:
+            continue
+        size, why = _size(members, running, override, device)
+        if size > 1 and lines is not None:
+            lines.append(f"{running[0].solver} [{running[0].config}] {running[0].image_group}: {len(running)} "
+                         f"jobs to run in packs of up to {size}{why}")
+        elif lines is not None and why:
+            lines.append(f"{running[0].solver} [{running[0].config}] {running[0].image_group}: each job alone{why}")
+        units += _cut(members, left, size)
+    return sorted(units, key=lambda u: jobs_of(u)[0].index)
+
+
+def _cut(members: list[Job], left: set[str], size: int) -> list[Job | Pack]:
+    if size <= 1:
+        return [j for j in members if j.job_id in left]
+    units: list[Job | Pack] = []
+    for k in range(0, len(members), size):
+        chunk = tuple(members[k:k + size])
+        run = tuple(j for j in chunk if j.job_id in left)
+        if run:
+            first = run[0].resources
+            # one computation: one job's CPUs, GPUs and memory; the time of all its members at most
+            res = replace(first, time_min=first.time_min * len(run), pack=1)
+            units.append(Pack(jobs=run, members=chunk, resources=res, checkpoint_every=run[0].checkpoint_every))
+    return units
+
+
+def _size(members: list[Job], running: list[Job], override, device) -> tuple[int, str]:
+    setting = override if override is not None else running[0].resources.pack
+    setting = pack_setting(setting, "resources.pack")
+    if setting == 1:
+        return 1, ""
+    if not packable(running[0].solver):
+        return 1, f" (solver {running[0].solver} cannot be packed)"
+    if setting != AUTO:
+        return setting, ""
+    if len(running) < 2:
+        return 1, " (auto: one job)"
+    return choose_auto(running, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# pack auto: free memory / measured footprint
+# ---------------------------------------------------------------------------------------------
+def auto_size(free: float, shared: float, per_job: float, n_jobs: int, device_type: str, cores: int = 1) -> int:
+    """The rule of `--pack auto` (module doc): how many jobs of footprint `per_job` (bytes; plus
+    `shared` once) fit in AUTO_MEMORY_SHARE of `free`; on CPU also n_jobs / cores, so every core
+    gets a pack. At least 1, at most AUTO_MAX and n_jobs."""
+    kind = "cuda" if device_type == "cuda" else "cpu"
+    fit = math.floor((AUTO_MEMORY_SHARE[kind] * free - shared) / max(per_job, MIN_FOOTPRINT))
+    n = min(fit, AUTO_MAX[kind], n_jobs)
+    if kind == "cpu":
+        n = min(n, math.ceil(n_jobs / max(1, cores)))
+    return max(1, n)
+
+
+def choose_auto(running: list[Job], device=None) -> tuple[int, str]:
+    """N for a signature from a probe of its first two jobs; (N, the reason, for the run's output)."""
+    from pipeline.worker import device_name, job_threads
+
+    dev = device_name(device)
+    try:
+        with job_threads(running[0]):
+            shared, per_job = measure_footprint(running, dev)
+    except Exception as err:  # noqa: BLE001 - a job that cannot run fails in the run, alone
+        return 1, f" (auto: the probe failed, each job alone: {type(err).__name__}: {err})"
+    free, cores = free_memory(dev), cpu_cores()
+    n = auto_size(free, shared, per_job, len(running), dev.type, cores)
+    each = "< 1 MiB" if per_job <= MIN_FOOTPRINT else f"{per_job / 2**20:.1f} MiB"
+    return n, (f" (auto on {dev.type}: measured {each} per job + {shared / 2**20:.0f} MiB "
+               f"shared, {free / 2**30:.1f} GiB free" + (f", {cores} core(s)" if dev.type != "cuda" else "") + ")")
+
+
+def free_memory(dev) -> float:
+    """Bytes free on the device now: CUDA's free memory, or the host's available RAM."""
+    import torch
+
+    if dev.type == "cuda":
+        return float(torch.cuda.mem_get_info(dev)[0])
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:  # not installed: the kernel's free pages (less than 'available')
+        import os
+
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def cpu_cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def measure_footprint(jobs: Sequence[Job], dev) -> tuple[float, float]:
+    """(shared, per-job) bytes: peak memory of a pack of one and of two of `jobs`, PROBE_STEPS steps each."""
+    one = _peak(jobs[:1], dev)
+    two = _peak(jobs[:2], dev)
+    # CUDA: each peak counts from the memory allocated before it; CPU: the peak RSS only grows,
+    # so the second probe's growth is what its second job adds
+    per_job = max(two - one if dev.type == "cuda" else two, MIN_FOOTPRINT)
+    return max(one - per_job, 0.0), per_job
+
+
+def _peak(jobs: Sequence[Job], dev) -> float:
+    """Peak memory a short pack of `jobs` adds: CUDA's allocator peak, or growth of the peak RSS."""
+    import torch
+
+    from pipeline.scans import build_problem
+    from recon.rng import solver_seed
+
+    problems = [build_problem(j.scan, j.seed) for j in jobs]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    j = jobs[0]
+    run_solver_pack(j.solver, problems, steps=min(PROBE_STEPS, j.steps), params=j.params,
+                    seeds=[solver_seed(m.scan.id, m.seed) for m in jobs], device=dev, ssim_every=j.ssim_every,
+                    checkpoint_paths=[None] * len(jobs), checkpoint_every=0, progress=None, should_stop=None)
+    if dev.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(dev) - before)
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+
+
+# ---------------------------------------------------------------------------------------------
+# the solvers' pack interface (recon.solvers), with a stand-in until it is there
+# ---------------------------------------------------------------------------------------------
+def packable(name: str) -> bool:
+    try:
+        from recon.solvers import packable as recon_packable
+    except ImportError:
+        from recon.solvers import get_solver
+
+        return bool(get_solver(name).uses_network)
+    return bool(recon_packable(name))
+
+
+def run_solver_pack(name: str, problems: list, **kwargs) -> list:
+    """`recon.solvers.run_solver_pack`; until it exists, the pack's jobs one after another."""
+    try:
+        from recon.solvers import run_solver_pack as recon_pack
+    except ImportError:
+        return _one_after_another(name, problems, **kwargs)
+    return recon_pack(name, problems, **kwargs)
+
+
+def _one_after_another(name: str, problems: list, *, seeds, checkpoint_paths, **kwargs) -> list:
+    from recon.solvers import run_solver
+    from recon.solvers.loop import StopRequested
+
+    out: list = []
+    for problem, seed, ckpt in zip(problems, seeds, checkpoint_paths):
+        try:
+            out.append(run_solver(name, problem, seed=seed, checkpoint_path=ckpt, **kwargs))
+        except StopRequested:
+            raise
+        except Exception as err:  # noqa: BLE001 - one job's failure is its own
+            out.append(err)
+    return out
+
+
+def unit_sizes(units: Iterable[Job | Pack]) -> str:
+    """'12 jobs in 3 packs and 2 alone' (the run's and dry run's summary)."""
+    units = list(units)
+    packs = [u for u in units if isinstance(u, Pack)]
+    alone = len(units) - len(packs)
+    jobs = sum(len(jobs_of(u)) for u in units)
+    return f"{jobs} jobs in {len(packs)} pack(s)" + (f" and {alone} alone" if alone else "")
