@@ -48,6 +48,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def prepare_device(dev: torch.device) -> torch.device:
+    """Same job on the same device gives the same numbers (DESIGN.md): deterministic cuDNN."""
+    if dev.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return dev
+
+
 def run_solver(name: str, problem: Problem, *, steps: int | None = None, params: dict[str, Any] | None = None,
                seed: int = 0, device: str | torch.device | None = None, ssim_every: int = 10,
                checkpoint_path: str | Path | None = None, checkpoint_every: int = 0,
@@ -59,10 +67,7 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
     `recon.solvers.loop.StopRequested` (after a checkpoint where `checkpoint_path` is given)."""
     cls = get_solver(name)
     p = make_params(cls.Params, params, where=f"solver {name!r} params")
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda":  # same job on the same device gives the same numbers (DESIGN.md)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    dev = prepare_device(torch.device(device) if device is not None else default_device())
     solver = cls(problem.to(dev), p, seed=seed, device=dev)
     steps = cls.default_steps if steps is None else int(steps)
     if steps < 1:
@@ -76,4 +81,7 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
     return result
 
 
-__all__ = ["SOLVERS", "register", "get_solver", "solver_names", "run_solver", "SolverResult", "default_device"]
+from recon.solvers.packed import packable, run_solver_pack  # noqa: E402 - needs run_solver's module
+
+__all__ = ["SOLVERS", "register", "get_solver", "solver_names", "run_solver", "SolverResult", "default_device",
+           "run_solver_pack", "packable"]

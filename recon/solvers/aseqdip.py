@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.base import NetworkParams, NetworkSolver
 
 
 @dataclass
@@ -40,26 +40,23 @@ class ASeqDIPParams(NetworkParams):
 class ASeqDIP(NetworkSolver):
     name = "aseqdip"
     Params = ASeqDIPParams
+    packable = True
     terms = ("data", "autoencoding")
 
     def initial_input(self) -> torch.Tensor:
         return self.image_input()  # z_0: never a noise input (Sec. 3.2)
 
-    def step(self, k: int) -> StepOutput:
+    def objective(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.params
         if p.inner_steps < 1:
             raise ValueError(f"aseqdip: inner_steps (N) must be >= 1, got {p.inner_steps}")
-        x = self.net(self.network_input())
         data = self.problem.data_fidelity(x)
         autoencoding = 0.5 * torch.sum((x - self.z) ** 2)
-        loss = data + p.lam * autoencoding
-        self.update(loss)
-        self.in_block = (k + 1) % p.inner_steps != 0
-        if not self.in_block:  # end of block: z_k = f_{phi_k}(z_{k-1})
-            with torch.no_grad():
-                self.z = self.net(self.z).detach()
-        return StepOutput(x.detach(), {"loss": loss.detach(), "data": data.detach(),
-                                       "autoencoding": autoencoding.detach()})
+        return {"loss": data + p.lam * autoencoding, "data": data, "autoencoding": autoencoding}
+
+    def refresh_input(self, k: int) -> bool:
+        self.in_block = (k + 1) % self.params.inner_steps != 0
+        return not self.in_block  # end of block: z_k = f_{phi_k}(z_{k-1})
 
     in_block = False
 

@@ -144,6 +144,10 @@ class Solver:
     terms: ClassVar[tuple[str, ...]] = ("data",)
     # default budget when the caller gives none (classical one-shot methods use 1)
     default_steps: ClassVar[int] = 1
+    # True: `recon.solvers.run_solver_pack` can step several jobs of this solver as one
+    # computation; such a solver is a NetworkSolver whose step is `objective` + one Adam update
+    # (+ `refresh_input`), the form the packed loop batches. False: the caller runs it alone.
+    packable: ClassVar[bool] = False
 
     def __init__(self, problem: Problem, params: Any, seed: int, device: torch.device):
         self.problem = problem
@@ -234,6 +238,24 @@ class NetworkSolver(Solver):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.net.parameters())
+
+    # ---- the step of a packable solver: objective, one Adam update, maybe a new input ----------
+    def objective(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of the network output x ('loss' first: the total minimised)."""
+        raise NotImplementedError(f"{self.name}: no objective (it defines its own step)")
+
+    def refresh_input(self, k: int) -> bool:
+        """After update k: True when the input becomes f(input) (aSeqDIP's z_k = f(z_{k-1}))."""
+        return False
+
+    def step(self, k: int) -> StepOutput:
+        x = self.net(self.network_input())
+        terms = self.objective(x)
+        self.update(terms["loss"])
+        if self.refresh_input(k):
+            with torch.no_grad():
+                self.z = self.net(self.z).detach()
+        return StepOutput(x.detach(), {name: t.detach() for name, t in terms.items()})
 
     def network_input(self) -> torch.Tensor:
         """z, perturbed by Gaussian jitter of std `jitter` when set."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.base import NetworkParams, NetworkSolver
 
 
 @dataclass
@@ -19,9 +19,8 @@ class DIP(NetworkSolver):
 
     name = "dip"
     Params = DIPParams
+    packable = True
 
-    def step(self, k: int) -> StepOutput:
-        x = self.net(self.network_input())
+    def objective(self, x):
         data = self.problem.data_fidelity(x)
-        self.update(data)
-        return StepOutput(x.detach(), {"loss": data.detach(), "data": data.detach()})
+        return {"loss": data, "data": data}

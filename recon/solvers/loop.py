@@ -165,35 +165,49 @@ class Loop:
     # ---- run -------------------------------------------------------------------------------
     def run(self) -> SolverResult:
         self._maybe_resume()
-        diverged = stopped = False
+        status = None
         k = self.start - 1
         t0 = time.perf_counter()
         for k in range(self.start, self.s.steps):
             if self.s.should_stop is not None and self.s.should_stop():
                 self._stop_at(k, self.elapsed + time.perf_counter() - t0)
             out = self.solver.step(k)
-            self.solver.last_image = out.image
-            self._ema(out.image)
-            tensors = {**out.terms, **self._metrics(k, out.image)}
+            tensors = self.observe(k, out)
             names = list(tensors)
             values = dict(zip(names, torch.stack([t.detach().double().reshape(()) for t in tensors.values()]).tolist()))
-            self.history.record(k, values)
-            if not math.isfinite(values["loss"]):
-                diverged = True
+            status = self.record(k, out, values)
+            if status is not None:
                 break
-            self._track(k, out.image, values)
-            if self.solver.params.early_stop and self.stopper.should_stop(k):
-                stopped = True
-                break
-            if self.s.progress and (k % self.s.progress_every == 0 or k == self.s.steps - 1):
-                self.s.progress(k + 1, self.s.steps, values)
-            if self.s.checkpoint_path and self.s.checkpoint_every and (k + 1) % self.s.checkpoint_every == 0 \
-                    and k + 1 < self.s.steps:
+            if self.checkpoint_due(k):
                 self._save_checkpoint(k + 1, self.elapsed + time.perf_counter() - t0)
         if self.solver.device.type == "cuda":
             torch.cuda.synchronize(self.solver.device)
         runtime = self.elapsed + time.perf_counter() - t0
-        return self._result(k + 1, runtime, diverged, stopped)
+        return self._result(k + 1, runtime, status == "diverged", status == "stopped")
+
+    # ---- one step's bookkeeping, shared with the packed loop (recon.solvers.packed) ---------
+    def observe(self, k: int, out) -> dict[str, torch.Tensor]:
+        """After `solver.step(k)` gave `out`: the step's loss terms and metrics as 0-d tensors."""
+        self.solver.last_image = out.image
+        self._ema(out.image)
+        return {**out.terms, **self._metrics(k, out.image)}
+
+    def record(self, k: int, out, values: dict[str, float]) -> str | None:
+        """Store step k's values; 'diverged' or 'stopped' when the run ends here, else None."""
+        self.history.record(k, values)
+        if not math.isfinite(values["loss"]):
+            return "diverged"
+        self._track(k, out.image, values)
+        if self.solver.params.early_stop and self.stopper.should_stop(k):
+            return "stopped"
+        if self.s.progress and (k % self.s.progress_every == 0 or k == self.s.steps - 1):
+            self.s.progress(k + 1, self.s.steps, values)
+        return None
+
+    def checkpoint_due(self, k: int) -> bool:
+        """Whether a periodic checkpoint follows step k (none after the last step)."""
+        return bool(self.s.checkpoint_path and self.s.checkpoint_every and (k + 1) % self.s.checkpoint_every == 0
+                    and k + 1 < self.s.steps)
 
     def _track(self, k: int, image: torch.Tensor, values: dict[str, float]) -> None:
         if "psnr" in values and values["psnr"] > self.peak_psnr:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.base import NetworkParams, NetworkSolver
 from recon.solvers.common import check_nonnegative, check_positive, tv_norm
 from recon.solvers.splitting import HQSParams, HQSSolver
 
@@ -37,13 +37,12 @@ class TVDIP(NetworkSolver):
         check_positive("tv-dip", tv_eps=params.tv_eps)
         super().__init__(problem, params, seed, device)
 
-    def step(self, k: int) -> StepOutput:
-        x = self.net(self.network_input())
+    packable = True
+
+    def objective(self, x):
         data = self.problem.data_fidelity(x)
         tv = tv_norm(x, self.params.tv_eps)
-        loss = data + self.params.alpha * tv
-        self.update(loss)
-        return StepOutput(x.detach(), {"loss": loss.detach(), "data": data.detach(), "tv": tv.detach()})
+        return {"loss": data + self.params.alpha * tv, "data": data, "tv": tv}
 
 
 @dataclass
