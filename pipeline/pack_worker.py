@@ -111,8 +111,8 @@ def _set_up(members: list[_Member], store_path: str | Path, t0: float) -> list[l
 
 def _solve(group: list[_Member], dev: torch.device, stop: StopCheck, t0: float) -> None:
     """One computation for the group; each job's result written and recorded as it comes back."""
-    from pipeline.packing import run_solver_pack
     from recon.rng import solver_seed
+    from recon.solvers import run_solver_pack
     from recon.solvers.loop import StopRequested
 
     job = group[0].job
@@ -120,7 +120,7 @@ def _solve(group: list[_Member], dev: torch.device, stop: StopCheck, t0: float) 
                               seeds=[solver_seed(m.job.scan.id, m.job.seed) for m in group], device=dev,
                               ssim_every=job.ssim_every, checkpoint_paths=[m.ckpt for m in group],
                               checkpoint_every=job.checkpoint_every,
-                              progress=_heartbeat(*(m.writer for m in group)), should_stop=stop)
+                              progress=[_heartbeat(m.writer) for m in group], should_stop=stop)
     for m, result in zip(group, results):
         if isinstance(result, StopRequested):
             _finish(m, "interrupted", f"stopped by the driver: {result}", t0)

@@ -103,6 +103,8 @@ def _size(members: list[Job], running: list[Job], override, device) -> tuple[int
     setting = pack_setting(setting, "resources.pack")
     if setting == 1:
         return 1, ""
+    from recon.solvers import packable
+
     if not packable(running[0].solver):
         return 1, f" (solver {running[0].solver} cannot be packed)"
     if setting != AUTO:
@@ -185,6 +187,7 @@ def _peak(jobs: Sequence[Job], dev) -> float:
 
     from pipeline.scans import build_problem
     from recon.rng import solver_seed
+    from recon.solvers import run_solver_pack
 
     problems = [build_problem(j.scan, j.seed) for j in jobs]
     if dev.type == "cuda":
@@ -196,47 +199,10 @@ def _peak(jobs: Sequence[Job], dev) -> float:
     j = jobs[0]
     run_solver_pack(j.solver, problems, steps=min(PROBE_STEPS, j.steps), params=j.params,
                     seeds=[solver_seed(m.scan.id, m.seed) for m in jobs], device=dev, ssim_every=j.ssim_every,
-                    checkpoint_paths=[None] * len(jobs), checkpoint_every=0, progress=None, should_stop=None)
+                    checkpoint_paths=None, checkpoint_every=0)
     if dev.type == "cuda":
         return float(torch.cuda.max_memory_allocated(dev) - before)
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-
-
-# ---------------------------------------------------------------------------------------------
-# the solvers' pack interface (recon.solvers), with a stand-in until it is there
-# ---------------------------------------------------------------------------------------------
-def packable(name: str) -> bool:
-    try:
-        from recon.solvers import packable as recon_packable
-    except ImportError:
-        from recon.solvers import get_solver
-
-        return bool(get_solver(name).uses_network)
-    return bool(recon_packable(name))
-
-
-def run_solver_pack(name: str, problems: list, **kwargs) -> list:
-    """`recon.solvers.run_solver_pack`; until it exists, the pack's jobs one after another."""
-    try:
-        from recon.solvers import run_solver_pack as recon_pack
-    except ImportError:
-        return _one_after_another(name, problems, **kwargs)
-    return recon_pack(name, problems, **kwargs)
-
-
-def _one_after_another(name: str, problems: list, *, seeds, checkpoint_paths, **kwargs) -> list:
-    from recon.solvers import run_solver
-    from recon.solvers.loop import StopRequested
-
-    out: list = []
-    for problem, seed, ckpt in zip(problems, seeds, checkpoint_paths):
-        try:
-            out.append(run_solver(name, problem, seed=seed, checkpoint_path=ckpt, **kwargs))
-        except StopRequested:
-            raise
-        except Exception as err:  # noqa: BLE001 - one job's failure is its own
-            out.append(err)
-    return out
 
 
 def unit_sizes(units: Iterable[Job | Pack]) -> str:

@@ -147,18 +147,16 @@ def _record(writer: JobWriter, log: JobLog, status: str, runtime: float, error: 
     return status
 
 
-def _heartbeat(*writers: JobWriter, every_s: float | None = None):
-    """A loop progress callback that renews the jobs' ledger heartbeats at most every `every_s`
-    (a pack's loop calls it for all its jobs at once: any arguments)."""
+def _heartbeat(writer: JobWriter, every_s: float | None = None):
+    """A loop progress callback that renews the job's ledger heartbeat at most every `every_s`."""
     every_s = JOB_HEARTBEAT_S if every_s is None else every_s
     last = [time.monotonic()]
 
-    def beat(*progress) -> None:
+    def beat(step: int, total: int, values: dict) -> None:
         now = time.monotonic()
         if now - last[0] >= every_s:
             last[0] = now
-            for writer in writers:
-                writer.heartbeat()
+            writer.heartbeat()
     return beat
 
 
