@@ -225,27 +225,34 @@ def test_interrupted_pack_resumes_each_job_with_uninterrupted_numbers(tmp_path):
     sc.assert_same_results(out, reference)
 
 
-def test_dry_run_says_how_jobs_are_packed(tmp_path):
-    manifest = _cohort(tmp_path, extra="  - {name: pnp_admm, params: {}}\n")
+def test_dry_run_says_how_jobs_are_packed(tmp_path, capsys):
+    from dipcohort.cli import main
+
+    manifest = _cohort(tmp_path, extra="  - {name: tv, params: {}}\n")  # tv: a solver that cannot be packed
     manifest.write_text(manifest.read_text().replace("time_min: 10}", "time_min: 10, pack: 3}"))
     out = str(tmp_path / "dry.zarr")
-    said = sc.cli("run", str(manifest), "--out", out, "--dry-run").stdout
+
+    def dry(*extra: str) -> str:
+        assert main(["run", str(manifest), "--out", out, "--dry-run", *extra]) == 0
+        return capsys.readouterr().out
+
+    said = dry()
     assert "packing: 12 jobs in 2 pack(s) and 6 alone" in said, said
-    assert "6 jobs to run in packs of up to 3" in said
-    assert "pnp_admm" in said and "each job alone (solver pnp_admm cannot be packed)" in said
-    said = sc.cli("run", str(manifest), "--out", out, "--dry-run", "--pack", "2").stdout  # the command line wins
+    assert "6 jobs to run in packs of up to 3" in said and "pack 3" in said
+    assert "each job alone (solver tv cannot be packed)" in said
+    said = dry("--pack", "2")  # the command line wins over resources.pack
     assert "6 jobs to run in packs of up to 2" in said and "12 jobs in 3 pack(s) and 6 alone" in said
-    said = sc.cli("run", str(manifest), "--out", out, "--dry-run", "--pack", "auto", "--device", "cpu").stdout
-    # 6 jobs on this machine's cores: every core gets a pack (memory is plenty at 32 px)
-    cores = len(os.sched_getaffinity(0))
-    n = min(16, -(-6 // cores))
-    assert f"6 jobs to run in packs of up to {n} (auto on cpu: measured" in said or n == 1, said
+    # auto on CPU: 6 jobs on this machine's cores, every core a pack (memory is plenty at 32 px)
+    n = min(16, -(-6 // len(os.sched_getaffinity(0))))
+    said = dry("--pack", "auto", "--device", "cpu")
+    assert (f"6 jobs to run in packs of up to {n} (auto on cpu: measured" if n > 1 else "each job alone") in said, said
     assert not (tmp_path / "dry.zarr").exists()
-    bad = sc.cli("run", str(manifest), "--out", out, "--pack", "0", check=False)
-    assert bad.returncode == 2 and "--pack '0'" in bad.stderr and "Traceback" not in bad.stderr
+    assert main(["run", str(manifest), "--out", out, "--pack", "0"]) == 2
+    assert "--pack '0': expected a whole number >= 1" in capsys.readouterr().err
     manifest.write_text(manifest.read_text().replace("pack: 3}", "pack: many}"))
-    bad = sc.cli("run", str(manifest), "--out", out, "--dry-run", check=False)
-    assert bad.returncode == 2 and "resources" in bad.stderr and "pack" in bad.stderr, bad.stderr
+    assert main(["run", str(manifest), "--out", out, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "resources" in err and "pack" in err and "Traceback" not in err, err
 
 
 def test_auto_rule():
