@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +24,7 @@ import torch
 
 from recon.operators.base import LinearOperator
 
-__all__ = ["RayTransform", "equispaced_angles", "fbp_filter", "FILTERS", "post_log_measurements",
+__all__ = ["RayTransform", "ray_transform", "equispaced_angles", "fbp_filter", "FILTERS", "post_log_measurements",
            "LODOPAB_ATTENUATION", "LODOPAB_MIN_PHOTONS", "LODOPAB_PHOTONS"]
 
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
@@ -39,6 +40,10 @@ LODOPAB_MIN_PHOTONS = 0.1
 
 
 _NORMS: dict[tuple, float] = {}  # RayTransform.norm by geometry
+# Built operators by geometry (warm workers): the matrix at 512 px / 30 views takes ~6 s and
+# ~228 MiB, so a process keeps the last few it built instead of rebuilding one per job.
+_OPERATORS: "OrderedDict[tuple, RayTransform]" = OrderedDict()
+OPERATOR_CACHE_SIZE = 4
 
 
 def equispaced_angles(views: int) -> np.ndarray:
@@ -210,6 +215,25 @@ class RayTransform(LinearOperator):
         (the normalisation and masking of skimage.transform.iradon)."""
         x = self.adjoint(self.filter_sinogram(y)) * (math.pi / (2 * self.views))
         return x * self.disc if self.circle else x
+
+
+def ray_transform(size: int, views: int | None = None, angles=None, circle: bool = True,
+                  detectors: int | None = None, filter_name: str = "ramp") -> RayTransform:
+    """`RayTransform(...)`, built once per geometry in this process (the last OPERATOR_CACHE_SIZE
+    geometries are kept): jobs of one geometry, in a pack or one after another, share one
+    operator. It is returned on the CPU (a job moves it to its device in place, as Problem.to
+    does with every operator), so a worker runs one job or pack at a time on it."""
+    angle_key = None if angles is None else tuple(float(a) for a in np.asarray(angles, dtype=np.float64).reshape(-1))
+    key = (size, views, angle_key, bool(circle), detectors, filter_name)
+    op = _OPERATORS.get(key)
+    if op is None:
+        op = RayTransform(size, views=views, angles=angles, circle=circle, detectors=detectors,
+                          filter_name=filter_name)
+        _OPERATORS[key] = op
+        while len(_OPERATORS) > OPERATOR_CACHE_SIZE:
+            _OPERATORS.popitem(last=False)
+    _OPERATORS.move_to_end(key)
+    return op.to("cpu")
 
 
 def post_log_measurements(sinogram: torch.Tensor, size: int, photons: float | None = None,

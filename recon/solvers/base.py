@@ -248,6 +248,10 @@ class NetworkSolver(Solver):
         """After update k: True when the input becomes f(input) (aSeqDIP's z_k = f(z_{k-1}))."""
         return False
 
+    def iterate(self, x: torch.Tensor) -> torch.Tensor:
+        """After the update: the step's iterate from the (detached) network output x."""
+        return x
+
     def step(self, k: int) -> StepOutput:
         x = self.net(self.network_input())
         terms = self.objective(x)
@@ -255,7 +259,7 @@ class NetworkSolver(Solver):
         if self.refresh_input(k):
             with torch.no_grad():
                 self.z = self.net(self.z).detach()
-        return StepOutput(x.detach(), {name: t.detach() for name, t in terms.items()})
+        return StepOutput(self.iterate(x.detach()), {name: t.detach() for name, t in terms.items()})
 
     def network_input(self) -> torch.Tensor:
         """z, perturbed by Gaussian jitter of std `jitter` when set."""

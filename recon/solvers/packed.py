@@ -21,8 +21,14 @@ bit-identical: the batched reflection pad hands the next convolution a different
 ~1e-6 apart) and gives run_solver's numbers bit for bit; in a pack of B > 1 a job's numbers are
 bit-identical whatever its pack-mates' scans, and agree with its solo run to float rounding.
 
-Mechanism, measured (benchmarks/packing.py --mechanisms, 1 thread, skip-small at 32 px without
-skip branches so both forms apply; see the docstring figures below): MECHANISM_FIGURES
+Mechanism, measured (benchmarks/packing.py --mechanisms; 1 thread, skip-small without skip
+branches at 32 px so both forms apply; forward + backward + Adam per job-step, load average 3.5 on
+2 cores): one by one 8.6-10.0 ms; grouped convolutions in one module 3.45 ms (B = 8) / 2.74 ms
+(B = 16); vmap over stacked modules 4.41 / 3.36 ms. Grouped convolutions are ~25% faster, but they
+need every network's channel concatenations rewritten for the packed layout; vmap runs the
+networks as they are (skip, U-Net, every preset) with per-job batch norm for free, so we use it.
+torch.compile of the vmapped forward: 6.79 vs 7.95 ms per job-step (32 px, B = 8) after 450 s of
+compilation (150 s CPU) on this machine: it does not pay for a pack of 4000-step jobs, so it is off.
 """
 from __future__ import annotations
 
@@ -67,6 +73,10 @@ class NetPack:
         self.base = copy.deepcopy(first.net).to("meta")  # the structure; tensors come per call
         self.params, self.buffers = stack_module_state([s.net for s in self.solvers])
         self._slots = self._optimizer_slots()
+        # an optimised input (self-guided's z): while the pack steps, solver j's z is row j of the
+        # stacked tensor (so its gradient lands there); sync puts its own Parameter back
+        self.inputs = {(gi, i): slot for (gi, i), slot in self._slots.items()
+                       if slot[1][0] is self.solvers[0].z}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [self._slots[(gi, i)][0]
                    for i in range(len(g["params"]))]} for gi, g in enumerate(first.optimizer.param_groups)]
         self.optimizer = type(first.optimizer)(groups)
@@ -91,6 +101,12 @@ class NetPack:
                     stacked = torch.stack([t.detach() for t in per_job]).requires_grad_(True)
                 slots[(gi, i)] = (stacked, per_job)
         return slots
+
+    def bind_inputs(self) -> None:
+        """Point every solver's optimised input at its row of the stacked tensor."""
+        for stacked, per_job in self.inputs.values():
+            for j, solver in enumerate(self.solvers):
+                solver.z = stacked[j]
 
     def _call(self, params: dict, buffers: dict, z: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, (params, buffers), (z,))
@@ -117,6 +133,8 @@ class NetPack:
             p.copy_(self.params[name][j])
         for name, b in solver.net.named_buffers():
             b.copy_(self.buffers[name][j])
+        for stacked, per_job in self.inputs.values():
+            solver.z = per_job[j]  # its own Parameter again (checkpoints, results)
         for stacked, per_job in self._slots.values():
             per_job[j].copy_(stacked[j])
             state = self.optimizer.state.get(stacked)
@@ -125,11 +143,16 @@ class NetPack:
                     key: value.clone() if key == "step" else value[j].clone() for key, value in state.items()}
 
 
-def pack_step(pack: NetPack, active: Sequence[bool], k: int) -> list[StepOutput | None]:
-    """Step k of every active slot as one computation: NetworkSolver.step, batched."""
+def pack_step(pack: NetPack, active: Sequence[bool], k: int, last: list) -> list[StepOutput | None]:
+    """Step k of every active slot as one computation: NetworkSolver.step, batched. `last` holds
+    each slot's previous input: a finished slot is fed it again (its output is not used)."""
     solvers = pack.solvers
-    inputs = [s.network_input() if on else s.z.detach() for s, on in zip(solvers, active)]
-    xs = pack.forward(inputs)
+    if len(solvers) > 1:
+        pack.bind_inputs()
+    for j, (s, on) in enumerate(zip(solvers, active)):
+        if on:
+            last[j] = s.network_input()
+    xs = pack.forward([t.detach() if not on else t for t, on in zip(last, active)])
     terms = {j: solvers[j].objective(xs[j]) for j, on in enumerate(active) if on}
     pack.update(reduce(add, [t["loss"] for t in terms.values()]))
     refresh = {j: solvers[j].refresh_input(k) for j in terms}
@@ -139,8 +162,8 @@ def pack_step(pack: NetPack, active: Sequence[bool], k: int) -> list[StepOutput 
         for j, again in refresh.items():
             if again:
                 solvers[j].z = zs[j].detach()
-    return [StepOutput(xs[j].detach(), {n: t.detach() for n, t in terms[j].items()}) if j in terms else None
-            for j in range(len(solvers))]
+    return [StepOutput(solvers[j].iterate(xs[j].detach()), {n: t.detach() for n, t in terms[j].items()})
+            if j in terms else None for j in range(len(solvers))]
 
 
 def _run_pack(loops: list[Loop], should_stop: Callable[[], bool] | None) -> list[SolverResult | BaseException]:
@@ -149,6 +172,7 @@ def _run_pack(loops: list[Loop], should_stop: Callable[[], bool] | None) -> list
     n, settings = len(loops), loops[0].s
     results: list[Any] = [None] * n
     active = [True] * n
+    last: list[Any] = [None] * n  # each slot's latest network input
     t0 = time.perf_counter()
     elapsed = lambda j: loops[j].elapsed + time.perf_counter() - t0  # noqa: E731
 
@@ -173,7 +197,7 @@ def _run_pack(loops: list[Loop], should_stop: Callable[[], bool] | None) -> list
                         path = loops[j].s.checkpoint_path
                         results[j], active[j] = StopRequested(k, Path(path) if path else None), False
                 return results
-            outs = pack_step(pack, active, k)
+            outs = pack_step(pack, active, k, last)
             _record(loops, outs, active, k, finish)
             if not any(active):
                 return results
@@ -247,9 +271,10 @@ def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None
             settings = LoopSettings(steps=steps, ssim_every=ssim_every, checkpoint_path=Path(path) if path else None,
                                     checkpoint_every=checkpoint_every,
                                     progress=progress[j] if progress is not None else None)
-            loops[j] = Loop(solver, settings)
+            loop = Loop(solver, settings)
             if cls.packable:
-                loops[j]._maybe_resume()
+                loop._maybe_resume()
+            loops[j] = loop  # only a job whose set-up succeeded runs
         except Exception as err:  # noqa: BLE001 - reported in the job's slot
             results[j] = err
     if not cls.packable:

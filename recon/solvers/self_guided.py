@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.base import NetworkParams, NetworkSolver
 from recon.solvers.common import check_nonnegative, check_positive
 
 
@@ -44,6 +44,7 @@ class SelfGuidedParams(NetworkParams):
 class SelfGuidedDIP(NetworkSolver):
     name = "self-guided"
     Params = SelfGuidedParams
+    packable = True
     terms = ("data", "self_guidance")
 
     def __init__(self, problem, params, seed, device):
@@ -68,19 +69,24 @@ class SelfGuidedDIP(NetworkSolver):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [*self.net.parameters(), self.z]
 
-    def step(self, k: int) -> StepOutput:
+    def network_input(self) -> torch.Tensor:
+        """N_eta perturbed copies z + eta_i, eta_i ~ U(0, m), m = noise_fraction * max|z|."""
         p = self.params
         zs = self.z.expand(p.n_eta, *self.z.shape[1:])
         m = p.noise_fraction * self.z.detach().abs().max()
         eta = m * torch.rand(zs.shape, generator=self.generator, device=self.device)
-        mean = self.net(zs + eta).mean(dim=0, keepdim=True)
+        return zs + eta
+
+    def objective(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean = x.mean(dim=0, keepdim=True)  # x~ = 1/N_eta sum_i f(z + eta_i)
         data = self.problem.data_fidelity(mean)
         guidance = 0.5 * torch.sum((mean - self.z) ** 2)
-        loss = data + p.lam * guidance
-        self.update(loss)
-        self.average = p.gamma * self.average + (1 - p.gamma) * mean.detach()
-        return StepOutput(self.average, {"loss": loss.detach(), "data": data.detach(),
-                                         "self_guidance": guidance.detach()})
+        return {"loss": data + self.params.lam * guidance, "data": data, "self_guidance": guidance}
+
+    def iterate(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = self.params.gamma
+        self.average = gamma * self.average + (1 - gamma) * x.mean(dim=0, keepdim=True)
+        return self.average
 
     def final_image(self) -> torch.Tensor:
         return self.average  # x^(N_max) of Alg. 7

@@ -96,7 +96,7 @@ class CT(Task):
         _, _, h, w = x.shape
         if h != w:
             raise ValueError(f"ct needs a square image, got {h}x{w}")
-        op = ct_ops.RayTransform(h, views=p["views"], circle=p["circle"], filter_name=p["filter"])
+        op = ct_ops.ray_transform(h, views=p["views"], circle=p["circle"], filter_name=p["filter"])
         # outside the field-of-view disc the scanner measures nothing consistent: zero ground truth
         gt = x * op.disc if p["circle"] else x
         with torch.no_grad():
@@ -126,7 +126,7 @@ class CT(Task):
             if angles.size != views:
                 raise ValueError(f"parameter 'angles' has {angles.size} entries, the sinogram {views} views (rows)")
         size = detectors if p["size"] is None else p["size"]
-        op = ct_ops.RayTransform(size, angles=angles, circle=p["circle"], detectors=detectors,
+        op = ct_ops.ray_transform(size, angles=angles, circle=p["circle"], detectors=detectors,
                                  filter_name=p["filter"])
         ref = as_reference(reference, (size, size), "ct measurements")
         gt = None if ref is None else ref[None, None]
