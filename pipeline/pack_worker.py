@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.jobs import FINISHED, STATUS_NAMES, Job, Pack
+from pipeline.jobs import FINISHED, Job, Pack
 from pipeline.lease import StopCheck
-from pipeline.store import JobWriter, log_path, open_store, statuses
+from pipeline.store import JobWriter, log_path, snapshot
 from pipeline.worker import (JobLog, _checkpoint, _heartbeat, _record, device_label, device_name,
                              environment_error, job_problem, write_result)
 
@@ -71,9 +71,9 @@ def run_pack(pack: Pack, store_path: str | Path, device, threads: int, stop: Sto
 def _start(pack: Pack, store_path: str | Path, label: str, threads: int) -> list[_Member] | None:
     """Mark each job of the pack running (not those an earlier attempt finished); None: the store
     cannot be written (the jobs stay for the rerun)."""
-    codes = statuses(open_store(store_path))
+    ledger = snapshot(store_path, list(pack.jobs))  # one chunk per job, not the whole ledger
     todo = [replace(j, resources=pack.resources, checkpoint_every=pack.checkpoint_every) for j in pack.jobs
-            if STATUS_NAMES.get(int(codes[j.index])) not in FINISHED]
+            if ledger.of(j)[0] not in FINISHED]
     members: list[_Member] = []
     for job in todo:
         log = JobLog(log_path(store_path, job.job_id))

@@ -766,9 +766,9 @@ def record_lost(job: Job | Pack, store_path: str | Path, reason: str) -> None:
     """Mark a job failed in the ledger when its process died before it could record anything
     (a pack: each of its members that has no outcome yet)."""
     if isinstance(job, Pack):
-        codes = statuses(open_store(store_path))
+        ledger = snapshot(store_path, list(job.jobs))
         for member in job.jobs:
-            if STATUS_NAMES.get(int(codes[member.index])) not in ENDED:
+            if ledger.of(member)[0] not in ENDED:
                 record_lost(member, store_path, f"{reason} (in {job.job_id}, a pack of {len(job.jobs)} jobs)")
         return
     try:
