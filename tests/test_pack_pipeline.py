@@ -110,9 +110,7 @@ def test_pack_4_pool_matches_sequential_and_retries_a_pack_whose_worker_died(coh
         ids = sc.wait_for(lambda: _ids_by_scan(out) if sc.ledger_if_created(out) else None, 120, "the store")
         sc.wait_for(lambda: all("start job" in sc.log_text(out, ids[s][0]) for s in ("cam", "moon")), 300,
                     "both packs to start")
-        workers = [p for p in sc.children_of(os.getpid()) if "multiprocessing.spawn" in sc.cmdline(p)]
-        assert len(workers) == 2
-        os.kill(workers[0], signal.SIGKILL)
+        sc.kill_a_pool_worker(2)
     finally:
         runner.join(timeout=400)
     assert not runner.is_alive()
