@@ -73,7 +73,7 @@ def form_units(jobs: Sequence[Job], todo: Sequence[Job], override: int | str | N
         running = [j for j in members if j.job_id in left]
         if not running:
             continue
-        size, why = _size(members, running, override, device)
+        size, why = _size(running, override, device)
         if size > 1 and lines is not None:
             lines.append(f"{running[0].solver} [{running[0].config}] {running[0].image_group}: {len(running)} "
                          f"jobs to run in packs of up to {size}{why}")
@@ -98,7 +98,7 @@ def _cut(members: list[Job], left: set[str], size: int) -> list[Job | Pack]:
     return units
 
 
-def _size(members: list[Job], running: list[Job], override, device) -> tuple[int, str]:
+def _size(running: list[Job], override, device) -> tuple[int, str]:
     setting = override if override is not None else running[0].resources.pack
     setting = pack_setting(setting, "resources.pack")
     if setting == 1:
