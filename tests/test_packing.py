@@ -17,11 +17,11 @@ from recon.tasks import simulate
 
 torch.set_num_threads(1)
 
-PACKABLE = ["dip", "es-dip", "tv-dip", "aseqdip", "self-guided"]
+PACKABLE = ["dip", "es-dip", "tv-dip", "aseqdip", "self-guided", "deep-decoder"]
 
 
 def params(name: str, **extra) -> dict:
-    p = {"network": "tiny"}
+    p = {"network": "deep-decoder-small" if name == "deep-decoder" else "tiny"}
     if name == "aseqdip":
         p["inner_steps"] = 4
     if name == "es-dip":
@@ -77,7 +77,8 @@ def test_a_pack_of_one_is_run_solver_bit_for_bit(images, name):
 
 
 @pytest.mark.parametrize("name,task", [("dip", "inpaint"), ("es-dip", "denoise"), ("aseqdip", "mri"),
-                                       ("tv-dip", "ct"), ("self-guided", "inpaint")])
+                                       ("tv-dip", "ct"), ("self-guided", "inpaint"),
+                                       ("deep-decoder", "sr")])
 def test_a_jobs_numbers_do_not_depend_on_its_pack_mates(images, name, task):
     probs = problems(images, task, n=3)
     other = simulate(task, images[1], {"sigma": 25} if task == "denoise" else {}, seed=7)
@@ -171,7 +172,7 @@ def test_a_packs_checkpoint_resumes_alone(images, tmp_path):
 def test_solvers_say_whether_they_pack(images):
     for name in PACKABLE:
         assert packable(name)
-    for name in ("dip-admm", "deep-decoder", "tv-dip-hqs", "tv"):
+    for name in ("dip-admm", "dip-red", "tv-dip-hqs", "tv"):
         assert not packable(name)
     probs = problems(images, "denoise", n=2)
     with pytest.raises(ValueError, match="cannot run in a pack"):
@@ -204,3 +205,25 @@ def test_ct_operators_are_built_once_per_geometry(images):
     finally:
         ct_ops._view_block = original
     assert calls == []  # nothing rebuilt
+
+
+def test_pack_footprint_grows_with_the_image_and_the_network(images):
+    from recon.solvers import pack_footprint
+
+    small = problems(images, n=1)[0]
+    large = simulate("denoise", transform.resize(images[0], (64, 64)), {"sigma": 25}, seed=0)
+    tiny32 = pack_footprint("dip", small, params={"network": "tiny"}, device="cpu")
+    tiny64 = pack_footprint("dip", large, params={"network": "tiny"}, device="cpu")
+    skip32 = pack_footprint("dip", small, params={"network": "skip-small"}, device="cpu")
+    assert 0 < tiny32 < skip32
+    assert 3 * tiny32 < tiny64 < 5 * tiny32  # activations scale with the pixels (4x)
+
+
+def test_each_job_reports_its_own_progress(images):
+    probs = problems(images, "denoise", n=2)
+    seen: list[list] = [[], []]
+    results = pack("dip", probs, steps=21, progress=[lambda d, t, v, j=j: seen[j].append((d, t, v["loss"]))
+                                                     for j in range(2)])
+    for j in range(2):  # run_solver's cadence: every 10th step and the last, with the job's own values
+        assert [(d, t) for d, t, _ in seen[j]] == [(1, 21), (11, 21), (21, 21)]
+        assert [loss for _, _, loss in seen[j]] == [results[j].history["loss"][d - 1] for d, _, _ in seen[j]]

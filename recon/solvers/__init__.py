@@ -81,7 +81,7 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
     return result
 
 
-from recon.solvers.packed import packable, run_solver_pack  # noqa: E402 - needs run_solver's module
+from recon.solvers.packed import pack_footprint, packable, run_solver_pack  # noqa: E402 - needs run_solver's module
 
 __all__ = ["SOLVERS", "register", "get_solver", "solver_names", "run_solver", "SolverResult", "default_device",
-           "run_solver_pack", "packable"]
+           "run_solver_pack", "packable", "pack_footprint"]

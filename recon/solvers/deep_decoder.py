@@ -10,7 +10,7 @@ import torch
 
 from recon.nets import PRESETS, DeepDecoder as DeepDecoderNet
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
+from recon.solvers.base import NetworkParams, NetworkSolver
 
 
 @dataclass
@@ -25,6 +25,7 @@ class DeepDecoderParams(NetworkParams):
 class DeepDecoder(NetworkSolver):
     name = "deep-decoder"
     Params = DeepDecoderParams
+    packable = True
 
     def initial_input(self) -> torch.Tensor:
         p = self.params
@@ -47,8 +48,6 @@ class DeepDecoder(NetworkSolver):
         if tuple(expected) != tuple(self.z.shape):  # pragma: no cover - guards preset drift
             raise RuntimeError(f"deep-decoder: input {tuple(self.z.shape)} does not match the network's {expected}")
 
-    def step(self, k: int) -> StepOutput:
-        x = self.net(self.network_input())
+    def objective(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         data = self.problem.data_fidelity(x)
-        self.update(data)
-        return StepOutput(x.detach(), {"loss": data.detach(), "data": data.detach()})
+        return {"loss": data, "data": data}

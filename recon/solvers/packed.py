@@ -16,6 +16,14 @@ depend on when (or whether) a pack-mate left: vmapped kernels give a job the sam
 pack-mates' data, but not whatever the pack size (grouped convolutions pick kernels by the group
 count), so the pack never shrinks.
 
+Host syncs: the loop's per-step decisions (divergence, early stopping, peak) need the values, so
+each pack step copies every job's metrics to the host in one transfer (B jobs, one sync; the
+single loop makes one per job-step). Jobs stepped: dip, es-dip, tv-dip, aseqdip (its z_k = f(z_{k-1})
+is one batched forward), self-guided (N_eta draws per job through vmap; its learnt input z is a row
+of a stacked tensor while the pack steps). deep-decoder (DIP's step on its own network). Solvers
+with inner solves or proximal steps between updates (HQS/ADMM/RED, DIP-ADMM) and the classical
+ones are not packable (`packable(name)` is False) and run alone.
+
 Exactness (tests/test_packing.py): a pack of one uses the plain module (vmap at B = 1 is not
 bit-identical: the batched reflection pad hands the next convolution a differently strided input,
 ~1e-6 apart) and gives run_solver's numbers bit for bit; in a pack of B > 1 a job's numbers are
@@ -33,7 +41,6 @@ compilation (150 s CPU) on this machine: it does not pay for a pack of 4000-step
 from __future__ import annotations
 
 import copy
-import math
 import time
 from functools import reduce
 from operator import add
@@ -47,7 +54,7 @@ from recon.problem import Problem
 from recon.solvers.base import NetworkSolver, StepOutput
 from recon.solvers.loop import Loop, LoopSettings, ProgressFn, SolverResult, StopRequested
 
-__all__ = ["packable", "run_solver_pack"]
+__all__ = ["packable", "run_solver_pack", "pack_footprint"]
 
 
 def packable(name: str) -> bool:
@@ -290,3 +297,35 @@ def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None
         for j, res in zip(members, _run_pack([loops[j] for j in members], should_stop)):
             results[j] = res
     return results
+
+
+def pack_footprint(name: str, problem: Problem, *, params: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> int:
+    """Bytes one more job adds to a pack of solver `name` on `problem`'s shape, measured by building
+    one job and stepping it once: on CUDA the peak allocated memory of that step (everything it
+    holds); elsewhere its network, gradient and two Adam moments (4x the parameters), the tensors
+    autograd saves for the backward pass (the activations) and the problem's tensors. What
+    `--pack auto` divides the free memory by."""
+    from recon.solvers import default_device, get_solver, prepare_device
+    from recon.solvers.base import make_params
+
+    cls = get_solver(name)
+    dev = prepare_device(torch.device(device) if device is not None else default_device())
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    solver = cls(problem.to(dev), make_params(cls.Params, params, where=f"solver {name!r} params"), seed=0, device=dev)
+    saved = [0]
+
+    def pack_hook(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        solver.step(0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    weights = sum(p.numel() * p.element_size() for p in solver.trainable_parameters())
+    data = sum(t.numel() * t.element_size() for t in (problem.measurements, problem.ground_truth) if t is not None)
+    return int(4 * weights + saved[0] + data)
