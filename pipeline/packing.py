@@ -11,19 +11,18 @@ packed (`recon.solvers.packable`) one by one.
 N is `--pack` or else each configuration's `resources.pack` (default 1: every job alone, so a
 cohort's numbers never depend on the machine it ran on unless packing is asked for; a pack's
 numbers agree with the unpacked run's only to floating-point spread). `auto` chooses N per
-signature (`auto_size`): it runs a pack of one and a pack of two of the signature's jobs for a
-few steps on the run's device, takes the difference of their peak memory as the per-job
-footprint (the rest is shared: runtime, operator), and fills AUTO_MEMORY_SHARE of the free
-memory (CUDA: `torch.cuda.mem_get_info`; CPU: available RAM). On CPU the pack also stays small
-enough that every core gets one (the signature's jobs / cores), since one pack runs on one
-core's threads. Both are capped (AUTO_MAX) and never exceed the signature's jobs. The
-measurement is made where the driver runs: for a Ray or Slurm cluster with other devices,
-give N.
+signature (`auto_size`): the footprint of one more job in a pack, measured on the run's device
+by `recon.solvers.pack_footprint` on the signature's first job (CUDA: the peak memory of a
+step; CPU: network, gradient, Adam moments, saved activations and the problem's tensors),
+divides AUTO_MEMORY_SHARE of the free memory (CUDA: `torch.cuda.mem_get_info`; CPU: available
+RAM). On CPU the pack also stays small enough that every core gets one (the signature's jobs /
+cores), since one pack runs on one job's threads. Both are capped (AUTO_MAX) and never exceed
+the signature's jobs. The measurement is made where the driver runs: for a Ray or Slurm
+cluster with other devices, give N.
 """
 from __future__ import annotations
 
 import math
-import resource
 from dataclasses import replace
 from typing import Iterable, Sequence
 
@@ -33,8 +32,6 @@ from pipeline.jobs import Job, Pack, canonical_json, jobs_of
 AUTO = "auto"
 AUTO_MAX = {"cuda": 64, "cpu": 16}            # beyond these a bigger pack gains little per job
 AUTO_MEMORY_SHARE = {"cuda": 0.8, "cpu": 0.5}  # of the free memory; the rest is headroom
-PROBE_STEPS = 3
-MIN_FOOTPRINT = 1 << 20                        # 1 MiB: a measured growth below this is noise
 
 
 def pack_setting(value: str | int, where: str = "--pack") -> int | str:
@@ -117,33 +114,33 @@ def _size(running: list[Job], override, device) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------
 # pack auto: free memory / measured footprint
 # ---------------------------------------------------------------------------------------------
-def auto_size(free: float, shared: float, per_job: float, n_jobs: int, device_type: str, cores: int = 1) -> int:
-    """The rule of `--pack auto` (module doc): how many jobs of footprint `per_job` (bytes; plus
-    `shared` once) fit in AUTO_MEMORY_SHARE of `free`; on CPU also n_jobs / cores, so every core
-    gets a pack. At least 1, at most AUTO_MAX and n_jobs."""
+def auto_size(free: float, per_job: float, n_jobs: int, device_type: str, cores: int = 1) -> int:
+    """The rule of `--pack auto` (module doc): how many jobs of footprint `per_job` (bytes) fit in
+    AUTO_MEMORY_SHARE of `free`; on CPU also n_jobs / cores, so every core gets a pack. At least
+    1, at most AUTO_MAX and n_jobs."""
     kind = "cuda" if device_type == "cuda" else "cpu"
-    fit = math.floor((AUTO_MEMORY_SHARE[kind] * free - shared) / max(per_job, MIN_FOOTPRINT))
-    n = min(fit, AUTO_MAX[kind], n_jobs)
+    n = min(math.floor(AUTO_MEMORY_SHARE[kind] * free / max(per_job, 1.0)), AUTO_MAX[kind], n_jobs)
     if kind == "cpu":
         n = min(n, math.ceil(n_jobs / max(1, cores)))
     return max(1, n)
 
 
 def choose_auto(running: list[Job], device=None) -> tuple[int, str]:
-    """N for a signature from a probe of its first two jobs; (N, the reason, for the run's output)."""
-    from pipeline.worker import device_name, job_threads
+    """N for a signature from the measured footprint of its first job; (N, the reason, for the run's output)."""
+    from pipeline.worker import device_name, job_problem, job_threads
+    from recon.solvers import pack_footprint
 
     dev = device_name(device)
+    first = running[0]
     try:
-        with job_threads(running[0]):
-            shared, per_job = measure_footprint(running, dev)
+        with job_threads(first):
+            per_job = float(pack_footprint(first.solver, job_problem(first), params=first.params, device=dev))
     except Exception as err:  # noqa: BLE001 - a job that cannot run fails in the run, alone
-        return 1, f" (auto: the probe failed, each job alone: {type(err).__name__}: {err})"
+        return 1, f" (auto: measuring a job failed, each job alone: {type(err).__name__}: {err})"
     free, cores = free_memory(dev), cpu_cores()
-    n = auto_size(free, shared, per_job, len(running), dev.type, cores)
-    each = "< 1 MiB" if per_job <= MIN_FOOTPRINT else f"{per_job / 2**20:.1f} MiB"
-    return n, (f" (auto on {dev.type}: measured {each} per job + {shared / 2**20:.0f} MiB "
-               f"shared, {free / 2**30:.1f} GiB free" + (f", {cores} core(s)" if dev.type != "cuda" else "") + ")")
+    n = auto_size(free, per_job, len(running), dev.type, cores)
+    return n, (f" (auto on {dev.type}: measured {per_job / 2**20:.1f} MiB per job, {free / 2**30:.1f} GiB free"
+               + (f", {cores} core(s)" if dev.type != "cuda" else "") + ")")
 
 
 def free_memory(dev) -> float:
@@ -169,40 +166,6 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def measure_footprint(jobs: Sequence[Job], dev) -> tuple[float, float]:
-    """(shared, per-job) bytes: peak memory of a pack of one and of two of `jobs`, PROBE_STEPS steps each."""
-    one = _peak(jobs[:1], dev)
-    two = _peak(jobs[:2], dev)
-    # CUDA: each peak counts from the memory allocated before it; CPU: the peak RSS only grows,
-    # so the second probe's growth is what its second job adds
-    per_job = max(two - one if dev.type == "cuda" else two, MIN_FOOTPRINT)
-    return max(one - per_job, 0.0), per_job
-
-
-def _peak(jobs: Sequence[Job], dev) -> float:
-    """Peak memory a short pack of `jobs` adds: CUDA's allocator peak, or growth of the peak RSS."""
-    import torch
-
-    from pipeline.scans import build_problem
-    from recon.rng import solver_seed
-    from recon.solvers import run_solver_pack
-
-    problems = [build_problem(j.scan, j.seed) for j in jobs]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    j = jobs[0]
-    run_solver_pack(j.solver, problems, steps=min(PROBE_STEPS, j.steps), params=j.params,
-                    seeds=[solver_seed(m.scan.id, m.seed) for m in jobs], device=dev, ssim_every=j.ssim_every,
-                    checkpoint_paths=None, checkpoint_every=0)
-    if dev.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(dev) - before)
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 
 
 def unit_sizes(units: Iterable[Job | Pack]) -> str:

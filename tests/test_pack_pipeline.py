@@ -305,15 +305,15 @@ def test_auto_rule():
     from pipeline.packing import auto_size
 
     mib, gib = 2.0 ** 20, 2.0 ** 30
-    # CUDA: (0.8 x 10 GiB - 500 MiB shared) / 100 MiB = 76, capped at 64, and at the jobs there are
-    assert auto_size(10 * gib, 500 * mib, 100 * mib, 1000, "cuda") == 64
-    assert auto_size(10 * gib, 500 * mib, 300 * mib, 1000, "cuda") == 25
-    assert auto_size(10 * gib, 500 * mib, 100 * mib, 10, "cuda") == 10
-    assert auto_size(1 * gib, 900 * mib, 100 * mib, 10, "cuda") == 1  # nothing fits beside the shared part
+    # CUDA: 0.8 x 10 GiB / 100 MiB = 81, capped at 64, and at the jobs there are
+    assert auto_size(10 * gib, 100 * mib, 1000, "cuda") == 64
+    assert auto_size(10 * gib, 300 * mib, 1000, "cuda") == 27
+    assert auto_size(10 * gib, 100 * mib, 10, "cuda") == 10
+    assert auto_size(1 * gib, 2 * gib, 10, "cuda") == 1  # not even one fits: each job alone
     # CPU: half the available RAM, and a pack for every core
-    assert auto_size(8 * gib, 0, 10 * mib, 6, "cpu", cores=2) == 3
-    assert auto_size(8 * gib, 0, 10 * mib, 1000, "cpu", cores=2) == 16
-    assert auto_size(100 * mib, 0, 10 * mib, 1000, "cpu", cores=1) == 5
+    assert auto_size(8 * gib, 10 * mib, 6, "cpu", cores=2) == 3
+    assert auto_size(8 * gib, 10 * mib, 1000, "cpu", cores=2) == 16
+    assert auto_size(100 * mib, 10 * mib, 1000, "cpu", cores=1) == 5
 
 
 def test_pack_ledger_entry_ends_when_every_member_ended():
