@@ -27,13 +27,15 @@ from pipeline.jobs import STATUS_CODES, Job
 # ---------------------------------------------------------------------------------------------
 def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: bool = False,
                retry_failed: bool = False, progress: str = "auto", stream=None, allow_missing: bool = False,
-               wait_lock: float | None = None, stale_after: float | None = None) -> dict[str, int]:
+               wait_lock: float | None = None, stale_after: float | None = None,
+               pack: int | str | None = None) -> dict[str, int]:
     """Run a manifest into `out` with `backend` (a schedulers.Backend); returns counts per status.
 
     Order: validate everything (manifest, scans and solver configurations, the backend) before
     writing anything; take the store's lease (one driver at a time); create or reopen the store;
     run; summarize. Ctrl-C / SIGTERM while jobs run: they stop at a step boundary, are recorded
     'interrupted', and `pipeline.errors.Interrupted` is raised (exit code 128 + signal).
+    `pack` (`--pack`: N or 'auto') overrides the manifest's resources.pack (`pipeline.packing`).
     """
     from pipeline.lease import STALE_AFTER_S, Lease
     from pipeline.manifest import load_manifest
@@ -58,7 +60,7 @@ def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: b
             jobs = _open_or_create(out, manifest, check, stream)
             if lease.took_over:
                 mark_interrupted(out, jobs, "its driver was gone (lease taken over)", stream)
-            counts = _run(out, jobs, backend, retry_failed, progress, stream, stopping)
+            counts = _run(out, jobs, backend, retry_failed, progress, stream, stopping, pack)
     return counts
 
 
@@ -70,7 +72,8 @@ def _open_or_create(out: Path, manifest, check, stream) -> list[Job]:
     return create_cohort_store(out, manifest, stream, check=check)
 
 
-def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str, stream, stopping) -> dict[str, int]:
+def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str, stream, stopping,
+         pack: int | str | None = None) -> dict[str, int]:
     from pipeline import store as st
     from pipeline.lease import clear_stop
     from pipeline.progress import make_progress
@@ -81,6 +84,7 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     if any(not j.image_group for j in todo):
         todo = _place_late(out, todo, stream)
     print(f"{len(todo)} of {len(jobs)} jobs to run on backend {backend.name}", file=stream)
+    units = _units(jobs, todo, pack, backend.device, stream)
     clear_stop(out)  # a stop request left by a driver that was killed while stopping
     reporter = make_progress(progress)
     t0 = time.monotonic()
@@ -88,7 +92,7 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     stopping.graceful = True
     watch = _StopWhenUnwritable(reporter, backend, stopping)
     try:
-        backend.run(todo, out, watch, run_job)
+        backend.run(units, out, _EachJob(watch, out) if units is not todo else watch, run_job)
     except KeyboardInterrupt:  # a second signal: stopped at once
         stopping.signum = stopping.signum or signal.SIGINT
     finally:
@@ -115,7 +119,63 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     return summarize(out, stream, elapsed=time.monotonic() - t0)
 
 
-class _StopWhenUnwritable:
+def _units(jobs: list[Job], todo: list[Job], pack, device, stream) -> list:
+    """What the backend runs: the jobs, or (packing asked for) packs and jobs alone."""
+    from pipeline.packing import form_units, unit_sizes
+
+    lines: list[str] = []
+    units = form_units(jobs, todo, pack, device, lines)
+    packed = not all(isinstance(u, Job) for u in units)
+    if packed or lines:
+        print(f"packing: {unit_sizes(units)}", file=stream)
+    for line in lines:
+        print(f"  {line}", file=stream)
+    return units if packed else todo
+
+
+class _Wrapping:
+    """A progress reporter around another: what it does not define is the inner one's."""
+
+    _OWN: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str):
+        return getattr(self._reporter, name)
+
+    def __setattr__(self, name: str, value) -> None:  # e.g. a backend's `progress.running -= 1`
+        if name.startswith("_") or name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._reporter, name, value)
+
+
+class _EachJob(_Wrapping):
+    """The progress reporter of a packed run, told about each job of a pack: its outcome from
+    the ledger (the unit's status where the ledger has none, e.g. a pack lost or stopped)."""
+
+    def __init__(self, reporter, out: Path) -> None:
+        self._reporter, self._out = reporter, out
+
+    def job_started(self, unit) -> None:
+        from pipeline.jobs import jobs_of
+
+        for job in jobs_of(unit):
+            self._reporter.job_started(job)
+
+    def job_finished(self, unit, status: str) -> None:
+        from pipeline.jobs import STATUS_NAMES, jobs_of
+        from pipeline.store import snapshot
+
+        if isinstance(unit, Job):
+            self._reporter.job_finished(unit, status)
+            return
+        ledger = snapshot(self._out, list(jobs_of(unit)))
+        for job in jobs_of(unit):
+            recorded = STATUS_NAMES.get(ledger.rows.get(job.index, (0, 0))[0])
+            outcome = recorded if recorded in ("done", "diverged", "failed", "interrupted") else status
+            self._reporter.job_finished(job, outcome)
+
+
+class _StopWhenUnwritable(_Wrapping):
     """The run's progress reporter, watching for jobs that return 'interrupted' with no stop asked:
     their store could not be written (full disk, quota, read-only): hand out no more jobs."""
 
@@ -123,20 +183,13 @@ class _StopWhenUnwritable:
         self._reporter, self._backend, self._stopping = reporter, backend, stopping
         self.unwritable = 0
 
+    _OWN = ("unwritable",)
+
     def job_finished(self, job: Job, status: str) -> None:
         self._reporter.job_finished(job, status)
         if status == "interrupted" and self._stopping.signum is None:
             self.unwritable += 1
             self._backend.request_stop()
-
-    def __getattr__(self, name: str):
-        return getattr(self._reporter, name)
-
-    def __setattr__(self, name: str, value) -> None:  # e.g. a backend's `progress.running -= 1`
-        if name.startswith("_") or name == "unwritable":
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self._reporter, name, value)
 
 
 class _Stopping:
@@ -283,8 +336,9 @@ def summarize(out: str | Path, stream=None, elapsed: float | None = None) -> dic
 # ---------------------------------------------------------------------------------------------
 # dry run
 # ---------------------------------------------------------------------------------------------
-def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
-    """Print what a run would do; write nothing."""
+def dry_run(manifest_path: str | Path, out: str | Path, stream=None, pack: int | str | None = None,
+            device: str | None = None) -> int:
+    """Print what a run would do (`pack`, `device`: as the run would be given them); write nothing."""
     from pipeline import store as st
     from pipeline.manifest import load_manifest
     from pipeline.preflight import check_manifest
@@ -296,6 +350,7 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
     seeds = sorted({len(c.seeds) for c in manifest.configs})
     print(f"cohort {manifest.cohort!r}: {len(manifest.scans)} scans × {len(manifest.configs)} solver "
           f"configurations × {'/'.join(map(str, seeds))} seed(s) = {len(jobs)} jobs", file=stream)
+    todo = None
     if _is_store(out):
         placed = _reopen(out, manifest)
         todo = st.jobs_to_run(st.open_store(out), placed)
@@ -316,12 +371,25 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None) -> int:
         print(f"storage estimate: {_bytes(est['bytes'])} uncompressed (upper bound), {est['files']} files "
               f"({est['files_per_job']} per job)", file=stream)
         print(f"work files: {st.work_dir(out)} (one log per job; checkpoints while jobs run)", file=stream)
+        _print_packing(placed, placed if todo is None else todo, pack, device, stream)
     print("dry run: nothing written", file=stream)
     return 0
 
 
+def _print_packing(jobs: list[Job], todo: list[Job], pack, device, stream) -> None:
+    from pipeline.packing import form_units, unit_sizes
+
+    lines: list[str] = []
+    units = form_units(jobs, todo, pack, device, lines)
+    print(f"packing: {unit_sizes(units)}" + ("" if lines else " (each job alone: --pack N, --pack auto or "
+                                                                "resources.pack to run jobs together)"), file=stream)
+    for line in lines:
+        print(f"  {line}", file=stream)
+
+
 def _print_resources(manifest, stream) -> None:
-    print("per-job resources (solver configuration: jobs, steps, GPUs, CPUs, memory, time limit):", file=stream)
+    print("per-job resources (solver configuration: jobs, steps, GPUs, CPUs, memory, time limit, pack):",
+          file=stream)
     per: Counter = Counter(j.config for j in manifest.jobs)
     total_gpu_h = 0.0
     for cfg in manifest.configs:
@@ -329,7 +397,7 @@ def _print_resources(manifest, stream) -> None:
         n = per[cfg.config]
         total_gpu_h += n * r.gpus * r.time_min / 60
         print(f"  {cfg.label} [{cfg.config}]: {n} jobs, {cfg.steps} steps, gpus {r.gpus:g}, cpus {r.cpus}, "
-              f"mem {r.mem_gb:g} GB, time {r.time_min:g} min", file=stream)
+              f"mem {r.mem_gb:g} GB, time {r.time_min:g} min, pack {r.pack}", file=stream)
     if total_gpu_h:
         print(f"  at most {total_gpu_h:.1f} GPU-hours (time limits × GPUs)", file=stream)
 

@@ -29,12 +29,17 @@ def content_hash(value: Any, length: int = 16) -> str:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one job asks of the scheduler. gpus may be fractional (e.g. 0.25: four jobs per GPU)."""
+    """What one job asks of the scheduler. gpus may be fractional (e.g. 0.25: four jobs per GPU).
+
+    pack: how many compatible jobs run together as one computation (`pipeline.packing`): a
+    number, or 'auto' (chosen from the device's free memory); 1 runs each job alone.
+    """
 
     gpus: float = 0.0
     cpus: int = 1
     mem_gb: float = 4.0
     time_min: float = 60.0
+    pack: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,43 @@ def job_id_for(scan: ScanSpec, solver: str, params: dict, seed: int, steps: int,
 
 def config_id_for(solver: str, params: dict) -> str:
     return content_hash({"solver": solver, "params": params}, length=12)
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Compatible jobs run together as one computation (`pipeline.worker.run_pack`).
+
+    A backend treats a pack like one job: it asks for `resources` (one job's CPUs, GPUs and
+    memory; the time of all members), names it by `job_id` and follows it through the ledger
+    entries of its members (`pipeline.store.snapshot`). `jobs` are the members to run;
+    `members` is the pack as first formed from the whole cohort (its id and its ledger entry),
+    so a rerun while some members are done still names the same pack.
+    """
+
+    jobs: tuple[Job, ...]
+    members: tuple[Job, ...]
+    resources: Resources
+    checkpoint_every: int = 0
+
+    @property
+    def job_id(self) -> str:
+        return "pack-" + content_hash([j.job_id for j in self.members], length=12)
+
+    @property
+    def index(self) -> int:  # the row its ledger entry is reported under (a backend's snapshot key)
+        return self.members[0].index
+
+    @property
+    def steps(self) -> int:
+        return self.members[0].steps
+
+    @property
+    def label(self) -> str:
+        first = self.jobs[0]
+        return f"pack of {len(self.jobs)} ({first.solver}/{first.config[:6]}: {', '.join(j.scan.id for j in self.jobs[:3])}" \
+               f"{', ...' if len(self.jobs) > 3 else ''})"
+
+
+def jobs_of(unit: Job | Pack) -> tuple[Job, ...]:
+    """The jobs a unit handed to a backend runs: a pack's members to run, or the job itself."""
+    return unit.jobs if isinstance(unit, Pack) else (unit,)

@@ -7,7 +7,7 @@ A manifest (see manifests/demo.yaml) names a cohort, its scans and the solvers t
     seeds: [0]
     size: 32                   # default resize of natural images (pixels, square)
     metrics: {ssim_every: 10}
-    resources: {gpus: 0, cpus: 1, mem_gb: 2, time_min: 10}
+    resources: {gpus: 0, cpus: 1, mem_gb: 2, time_min: 10}   # pack: N or auto (jobs run together)
     checkpoint_every: 0
     scans:
       - {id: camera-dn25, source: "skimage:camera", task: denoise, params: {sigma: 25}}
@@ -69,6 +69,7 @@ class ResourcesModel(_Strict):
     cpus: PositiveInt = 1
     mem_gb: PositiveFloat = 4.0
     time_min: PositiveFloat = 60.0
+    pack: Union[PositiveInt, Literal["auto"]] = 1  # jobs run together (pipeline.packing); --pack overrides
 
 
 class MetricsModel(_Strict):

@@ -50,7 +50,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import UsageError
-from pipeline.jobs import FINISHED, STATUS_CODES, STATUS_NAMES, Job
+from pipeline.jobs import FINISHED, STATUS_CODES, STATUS_NAMES, Job, Pack
 from pipeline.lease import pid_alive
 from recon.solvers.loop import LOOP_METRICS, SUMMARY_FIELDS
 
@@ -735,19 +735,41 @@ class Snapshot:
         return STATUS_NAMES.get(code, "pending"), attempts
 
 
-def snapshot(store_path: str | Path, jobs: Sequence[Job]) -> Snapshot:
+def snapshot(store_path: str | Path, jobs: Sequence[Job | Pack]) -> Snapshot:
     """The ledger entries of `jobs`, reading one chunk per job and array (cheap for a few jobs);
-    an entry whose chunk cannot be read counts as pending, never started."""
+    an entry whose chunk cannot be read counts as pending, never started. A pack's entry is
+    its members' together (`pack_entry`), under the pack's index."""
     if not jobs:
         return Snapshot({})
     g = open_store(store_path)[JOBS]
     rows = {}
     for job in jobs:
-        try:
-            rows[job.index] = (int(g["status"][job.index]), int(g["attempts"][job.index]))
-        except Exception:  # noqa: BLE001 - damaged entry: `verify` names it
-            rows[job.index] = (0, 0)
+        if isinstance(job, Pack):
+            rows[job.index] = pack_entry([_entry(g, m.index) for m in job.members])
+        else:
+            rows[job.index] = _entry(g, job.index)
     return Snapshot(rows)
+
+
+def _entry(g: zarr.Group, i: int) -> tuple[int, int]:
+    try:
+        return int(g["status"][i]), int(g["attempts"][i])
+    except Exception:  # noqa: BLE001 - damaged entry: `verify` names it
+        return 0, 0
+
+
+def pack_entry(entries: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """A pack's (status code, attempts) from its members' entries: attempts add up (any member
+    started: the pack started), and the status is an outcome only once every member has one
+    (the worst of them), so `ended_since` holds for a pack exactly when all its members ended."""
+    codes = [code for code, _ in entries]
+    attempts = sum(a for _, a in entries)
+    ended = [STATUS_CODES[s] for s in ENDED]
+    if all(code in ended for code in codes):
+        worst = next(STATUS_CODES[s] for s in ("failed", "diverged", "done") if STATUS_CODES[s] in codes)
+        return worst, attempts
+    running = STATUS_CODES["running"]
+    return (running if running in codes else next(c for c in codes if c not in ended)), attempts
 
 
 def ended_since(before: Snapshot, now: Snapshot, job: Job) -> str | None:
@@ -776,8 +798,15 @@ def mark(store_path: str | Path, jobs: Sequence[Job | int], status: str, error: 
         g["status"][i] = STATUS_CODES[status]
 
 
-def record_lost(job: Job, store_path: str | Path, reason: str) -> None:
-    """Mark a job failed in the ledger when its process died before it could record anything."""
+def record_lost(job: Job | Pack, store_path: str | Path, reason: str) -> None:
+    """Mark a job failed in the ledger when its process died before it could record anything
+    (a pack: each of its members that has no outcome yet)."""
+    if isinstance(job, Pack):
+        ledger = snapshot(store_path, list(job.jobs))
+        for member in job.jobs:
+            if ledger.of(member)[0] not in ENDED:
+                record_lost(member, store_path, f"{reason} (in {job.job_id}, a pack of {len(job.jobs)} jobs)")
+        return
     try:
         JobWriter(store_path, job).finish("failed", math.nan, reason)
         path = log_path(store_path, job.job_id)

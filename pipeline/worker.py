@@ -6,7 +6,8 @@ ledger and in the job's log), a non-finite loss 'diverged' (metrics kept up to t
 The ledger's status is written last, so 'done' means the data are complete. The worker only
 writes its own job's chunks; the driver created every group and array beforehand.
 
-`run_job` is the job function the driver hands to every backend. It runs the job with
+`run_job` is the job function the driver hands to every backend (a job, or a pack of jobs run
+together: `pipeline.pack_worker`). It runs the job with
 `job.resources.cpus` torch threads (recorded in the ledger), whatever the backend, so the same
 job gives the same numbers on every backend. While it runs it renews the job's ledger heartbeat
 (every `JOB_HEARTBEAT_S`), so `status` tells a running job from one whose worker died. When the
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.jobs import Job
+from pipeline.jobs import Job, Pack
 from pipeline.lease import JOB_HEARTBEAT_S, StopCheck
 from pipeline.scans import build_problem, reference_image
 from pipeline.store import JobWriter, checkpoint_path, log_path
@@ -58,9 +59,14 @@ def device_name(device: str | torch.device | None) -> torch.device:
     return torch.device(device) if device is not None else default_device()
 
 
+def device_label(dev: torch.device) -> str:
+    """The device as the ledger records it (a GPU with its model)."""
+    return str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+
+
 @contextmanager
-def job_threads(job: Job):
-    """The job's torch threads (its resources.cpus) while it runs; the caller's afterwards."""
+def job_threads(job: Job | Pack):
+    """The job's (or pack's) torch threads (its resources.cpus) while it runs; the caller's afterwards."""
     before = torch.get_num_threads()
     threads = max(1, int(job.resources.cpus))
     torch.set_num_threads(threads)
@@ -70,17 +76,22 @@ def job_threads(job: Job):
         torch.set_num_threads(before)
 
 
-def run_job(job: Job, store_path: str | Path, device: str | torch.device | None = None,
+def run_job(job: Job | Pack, store_path: str | Path, device: str | torch.device | None = None,
             where: dict[str, str] | None = None) -> str:
     """Run one job and record it in the store; returns 'done', 'diverged', 'failed' or 'interrupted'.
+    A pack of jobs (`pipeline.pack_worker.run_pack`) records each of them and returns the worst.
 
     where: the backend's name of the place it runs, recorded in the ledger (`node`, `ray_node_id`;
     default: the host)."""
     stop = StopCheck(store_path)
     if stop():
         return "interrupted"  # the driver is stopping: leave the job for the rerun, untouched
+    if isinstance(job, Pack):
+        from pipeline.pack_worker import run_pack as body
+    else:
+        body = _run_job
     with job_threads(job) as threads:
-        return _run_job(job, store_path, device, threads, stop, where or {})
+        return body(job, store_path, device, threads, stop, where or {})
 
 
 # the file system, not the job: the job is 'interrupted' (rerun continues it), never 'failed'
@@ -96,7 +107,7 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
 
     t0 = time.perf_counter()
     dev = device_name(device)
-    label = str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+    label = device_label(dev)
     log = JobLog(log_path(store_path, job.job_id))
     try:
         writer = JobWriter(store_path, job)
@@ -160,22 +171,37 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
              stop: StopCheck) -> str:
     from recon.rng import solver_seed
     from recon.solvers import run_solver
-    from recon.tasks import degraded_image
 
-    if not job.image_group:
-        raise RuntimeError(f"scan {job.scan.id} could not be loaded when the store was created, so the store has "
-                           f"no images for it; fix its source and run the cohort into a new --out")
-    problem = build_problem(job.scan, job.seed)
-    ckpt = checkpoint_path(store_path, job.job_id)
-    resumed = ckpt.is_file()
-    if resumed:
-        log.line(f"resuming from checkpoint {ckpt}")
+    problem = job_problem(job)
+    ckpt = _checkpoint(store_path, job, log)
     # the checkpoint path is always given: a stop request leaves a checkpoint there (periodic
     # checkpoints only with checkpoint_every), so a rerun continues where the job stopped
     result = run_solver(job.solver, problem, steps=job.steps, params=job.params,
                         seed=solver_seed(job.scan.id, job.seed), device=dev,
                         ssim_every=job.ssim_every, checkpoint_path=ckpt, checkpoint_every=job.checkpoint_every,
                         progress=_heartbeat(writer), should_stop=stop)
+    return write_result(writer, log, result, problem, ckpt)
+
+
+def job_problem(job: Job):
+    """The job's recon.Problem (its scan loaded, its measurements simulated)."""
+    if not job.image_group:
+        raise RuntimeError(f"scan {job.scan.id} could not be loaded when the store was created, so the store has "
+                           f"no images for it; fix its source and run the cohort into a new --out")
+    return build_problem(job.scan, job.seed)
+
+
+def _checkpoint(store_path: str | Path, job: Job, log: JobLog) -> Path:
+    ckpt = checkpoint_path(store_path, job.job_id)
+    if ckpt.is_file():
+        log.line(f"resuming from checkpoint {ckpt}")
+    return ckpt
+
+
+def write_result(writer: JobWriter, log: JobLog, result, problem, ckpt: Path) -> str:
+    """Write a finished job's metrics, summary and images; returns 'done' or 'diverged' (not yet recorded)."""
+    from recon.tasks import degraded_image
+
     writer.metrics(result.history)
     writer.summary(result.summary())
     writer.images(final=result.image, early_stopped=result.es_image, ema=result.ema_image,

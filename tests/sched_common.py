@@ -165,6 +165,16 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def kill_a_pool_worker(expected: int = 2) -> int:
+    """SIGKILL one of this process's `expected` pool worker processes (they are all busy); its pid."""
+    import signal
+
+    workers = [p for p in children_of(os.getpid()) if "multiprocessing.spawn" in cmdline(p)]
+    assert len(workers) == expected, workers
+    os.kill(workers[0], signal.SIGKILL)
+    return workers[0]
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -2,8 +2,6 @@
 a worker process is killed mid-job (it is replaced and its job retried)."""
 from __future__ import annotations
 
-import os
-import signal
 import threading
 
 import pytest
@@ -33,9 +31,7 @@ def test_pool_of_two_matches_sequential_and_replaces_a_killed_worker(cohort, tmp
         # both workers busy (jobs 0 and 1 started, 4 jobs in all): kill one of them mid-job
         sc.wait_for(lambda: all("start job" in sc.log_text(out, j.job_id) for j in jobs[:2]), 120,
                     "the first two jobs to start")
-        workers = [p for p in sc.children_of(os.getpid()) if "multiprocessing.spawn" in sc.cmdline(p)]
-        assert len(workers) == 2
-        os.kill(workers[0], signal.SIGKILL)
+        sc.kill_a_pool_worker(2)
     finally:
         runner.join(timeout=300)
     assert not runner.is_alive()

@@ -14,11 +14,14 @@ DEMO = Path("manifests") / "demo.yaml"
 
 
 def register(subparsers) -> None:
+    from dipcohort.commands.run import add_pack_argument
+
     p = subparsers.add_parser("demo", help="run the demo cohort end to end and print its summary table",
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo-results", help="output directory (default: demo-results)")
     p.add_argument("--workers", type=int, default=1, help="jobs at once (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: CUDA when available)")
+    add_pack_argument(p)
     p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)  # another cohort, same steps (tests)
     p.set_defaults(func=main)
 
@@ -35,7 +38,7 @@ def demo_manifest() -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipcohort.commands.run import check_out, make_backend
+    from dipcohort.commands.run import check_out, make_backend, pack_option
     from pipeline.driver import run_cohort
     from pipeline.report import report
 
@@ -48,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     store = check_out(out / "demo.zarr", "--out")
     out.mkdir(parents=True, exist_ok=True)
     backend = make_backend("local", {"workers": args.workers, "device": args.device})
-    counts = run_cohort(manifest, store, backend)
+    counts = run_cohort(manifest, store, backend, pack=pack_option(args))
     paths = report(store, out / "report")
     print(f"results: {store}   report: {paths['table_md'].parent} (table.md, table.csv, "
           f"{', '.join(p.name for p in paths['curves'])}, {paths['montage'].name}, {paths['page'].name})")

@@ -7,7 +7,8 @@ commands, cluster address, GPUs). An existing store made from the same manifest 
 (done and diverged jobs are skipped; failed ones only rerun with --retry-failed). One driver
 at a time holds the store's lease; a second one exits 2 naming the holder, or waits with
 --wait-lock. Ctrl-C / SIGTERM stop the running jobs at a step boundary (exit 130 / 143); a
-rerun continues them. --dry-run prints the job count, resources and a storage estimate and
+rerun continues them. --pack N|auto runs compatible jobs together (`pipeline.packing`).
+--dry-run prints the job count, resources, how jobs are packed and a storage estimate and
 writes nothing. Backend-specific flags come from each `schedulers.<backend>` module's
 `add_arguments(group)` / `options_from_args(args)` (its `FLAGS` names their dests), plus
 generic `--option KEY=VALUE`; a flag or option the chosen backend does not take is an error.
@@ -39,7 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--allow-missing", action="store_true",
                    help="scans whose source is missing or unreadable: record their jobs failed and run the "
                         "rest (default: stop before writing anything)")
-    p.add_argument("--dry-run", action="store_true", help="print jobs, resources and storage estimate; write nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print jobs, resources, packing and storage estimate; write nothing")
+    add_pack_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: CUDA when available)")
     p.add_argument("--progress", default="auto", choices=("auto", "rich", "plain", "quiet"),
                    help="progress display (auto: a bar on a terminal, one line per job otherwise)")
@@ -55,6 +58,19 @@ def register(subparsers) -> None:
         if module is not None and hasattr(module, "add_arguments"):
             module.add_arguments(p.add_argument_group(f"{name} backend"))
     p.set_defaults(func=main, parser=p)
+
+
+def add_pack_argument(p) -> None:
+    p.add_argument("--pack", default=None, metavar="N|auto",
+                   help="run up to N compatible jobs (same task, shape, solver configuration; other scans or "
+                        "seeds) together as one computation, or 'auto' (N from the device's free memory); "
+                        "default: the manifest's resources.pack (1: each job alone)")
+
+
+def pack_option(args: argparse.Namespace):
+    from pipeline.packing import pack_setting
+
+    return None if args.pack is None else pack_setting(args.pack)
 
 
 def _backends() -> tuple[str, ...]:
@@ -131,13 +147,14 @@ def main(args: argparse.Namespace) -> int:
 
     out = check_out(args.out)
     check_backend_flags(args, args.parser)
+    pack = pack_option(args)
     if args.dry_run:
-        return dry_run(args.manifest, out)
+        return dry_run(args.manifest, out, pack=pack, device=args.device)
     _check_device(args.device)
     backend = make_backend(args.backend, backend_options(args))
     counts = run_cohort(args.manifest, out, backend, resume=args.resume, retry_failed=args.retry_failed,
                         progress=args.progress, allow_missing=args.allow_missing, wait_lock=args.wait_lock,
-                        stale_after=args.stale_after)
+                        stale_after=args.stale_after, pack=pack)
     return 1 if counts.get("failed") else 0
 
 
