@@ -58,7 +58,7 @@ def open_results(store: str | Path, *, use_compact: str = "auto") -> xr.Dataset:
         metrics, table = root[st.METRICS][st.VALUES], _summary_rows(root, store)
         chunks = (max(1, min(LIVE_JOB_CHUNK, lay.n_jobs)), 1, lay.n_steps)
         ledger = st.read_ledger(root)[0]
-    values = da.from_zarr(metrics, chunks=chunks)
+    values = da.from_zarr(metrics, chunks=chunks) if source == "compact" else _live_metrics(metrics, store, root, chunks, ledger)
     data: dict[str, tuple] = {name: (("job", "step"), values[:, i, :], _cf(name)) for i, name in enumerate(lay.metric_names)}
     data.update({name: (("job",), table[:, k], _cf(name)) for k, name in enumerate(lay.summary_fields)})
     data.update(_ledger(ledger, store))
@@ -76,11 +76,41 @@ def _summary_rows(root, store) -> np.ndarray:
     """The live summary table; a chunk that cannot be decoded is named (with its job)."""
     values, bad = st.read_rows(root[st.SUMMARY][st.VALUES], 0, root[st.SUMMARY][st.VALUES].shape[0])
     if bad:
-        ids = st.job_coords(root)[st.JOB]
-        row, why = next(iter(bad.items()))
-        raise StoreError(f"{store}: job {ids[row]}: {why} ({len(bad)} job(s) damaged); run "
-                         f"`dipcohort verify {store} --repair`, then `dipcohort run` to redo them")
+        raise _damaged(store, st.job_coords(root)[st.JOB], bad)
     return values
+
+
+def _damaged(store, ids: np.ndarray, bad: dict[int, str]) -> StoreError:
+    row, why = next(iter(bad.items()))
+    return StoreError(f"{store}: job {ids[row]}: {why} ({len(bad)} job(s) damaged); run "
+                      f"`dipcohort verify {store} --repair`, then `dipcohort run` to redo them")
+
+
+class _LiveRows:
+    """The per-job metrics array for Dask (`da.from_array`): a block that cannot be decoded
+    raises StoreError naming its job and chunk when it is computed, instead of the decoder's
+    traceback from inside Dask."""
+
+    def __init__(self, arr: zarr.Array, store, ids: np.ndarray):
+        self.arr, self.store, self.ids = arr, str(store), ids
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        a, b, step = key[0].indices(self.shape[0])        # Dask asks for blocks: slices (fancy=False)
+        values, bad = st.read_rows(self.arr, a, b)
+        if bad:
+            raise _damaged(self.store, self.ids, bad)
+        return values[(slice(None, None, step), *key[1:])]
+
+
+def _live_metrics(arr: zarr.Array, store, root: zarr.Group, chunks, ledger: dict) -> da.Array:
+    from dask.base import tokenize
+
+    # named by the store and its ledger: a job that reran since is another array to Dask
+    name = f"live-metrics-{tokenize(str(Path(store).resolve()), ledger['status'], ledger['attempts'])}"
+    return da.from_array(_LiveRows(arr, store, st.job_coords(root)[st.JOB]), chunks=chunks, name=name,
+                         asarray=False, fancy=False, meta=np.empty((0, 0, 0), dtype=arr.dtype))
 
 
 def _source(root: zarr.Group, use_compact: str) -> str:

@@ -637,7 +637,11 @@ def chunk_file(root: zarr.Group, arr: zarr.Array, row: int) -> Path | None:
 
 def read_rows(arr: zarr.Array, a: int, b: int) -> tuple[np.ndarray, dict[int, str]]:
     """Rows [a, b) of an array chunked by job; rows whose chunk cannot be decoded are the fill
-    value and listed as {row: 'chunk <path>: <error>'}."""
+    value and listed as {row: 'chunk <path>: <error>'}. Text arrays come back as object or
+    StringDType arrays (`as_text` makes either str)."""
+    codecs = _job_chunk_codecs(arr)
+    if codecs is not None:
+        return _read_job_chunks(arr, a, b, *codecs)
     try:
         return arr[a:b], {}
     except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
@@ -650,6 +654,56 @@ def read_rows(arr: zarr.Array, a: int, b: int) -> tuple[np.ndarray, dict[int, st
             out[i - a] = arr[i]
         except Exception as err:  # noqa: BLE001
             bad[i] = f"chunk {chunk_name(arr, i)} cannot be decoded ({type(err).__name__}: {err})"
+    return out, bad
+
+
+def _job_chunk_codecs(arr: zarr.Array):
+    """(decoders) when `arr` is a local array of one chunk per job with the codecs the store
+    writes (bytes or vlen-utf8, then zstd), else None.
+
+    zarr spends ~0.5 ms of CPU per chunk on its async machinery (a thread hop per file, a task
+    per chunk); the aggregation and `verify` read ~100,000 such chunks for 10,000 jobs, so for
+    this one layout the files are read here and decoded with the same numcodecs codecs zarr
+    itself calls (~0.05 ms a chunk). Any other layout goes through zarr (tested equal).
+    """
+    from zarr.codecs import BytesCodec, VLenUTF8Codec, ZstdCodec
+
+    md = arr.metadata
+    if (not isinstance(arr.store, zarr.storage.LocalStore) or getattr(md, "zarr_format", 3) != 3
+            or arr.chunks[0] != 1 or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]) or len(md.codecs) != 2
+            or not isinstance(md.codecs[1], ZstdCodec)):
+        return None
+    first = md.codecs[0]
+    if isinstance(first, VLenUTF8Codec):
+        return "text", None
+    if isinstance(first, BytesCodec) and arr.dtype.kind in "biuf":
+        order = "<" if first.endian is None or first.endian.value == "little" else ">"
+        return "numbers", arr.dtype.newbyteorder(order) if arr.dtype.itemsize > 1 else arr.dtype
+    return None
+
+
+def _read_job_chunks(arr: zarr.Array, a: int, b: int, kind: str, dtype) -> tuple[np.ndarray, dict[int, str]]:
+    """read_rows for the layout `_job_chunk_codecs` accepts: an absent chunk is the fill value
+    (zarr does not write chunks equal to it), one that cannot be decoded is listed."""
+    from numcodecs import VLenUTF8, Zstd
+
+    zstd, vlen = Zstd(), VLenUTF8()
+    text = kind == "text"
+    out = np.full((b - a, *arr.shape[1:]), "" if text else arr.fill_value, dtype=object if text else arr.dtype)
+    folder = Path(str(arr.store.root)) / arr.path
+    tail = (0,) * (arr.ndim - 1)
+    bad = {}
+    for i in range(a, b):
+        key = arr.metadata.encode_chunk_key((i,) + tail)
+        try:
+            raw = (folder / key).read_bytes()
+        except FileNotFoundError:
+            continue
+        try:
+            data = zstd.decode(raw)
+            out[i - a] = vlen.decode(data)[0] if text else np.frombuffer(data, dtype=dtype).reshape(arr.shape[1:])
+        except Exception as err:  # noqa: BLE001 - garbage bytes, a truncated file
+            bad[i] = f"chunk {arr.path}/{key} cannot be decoded ({type(err).__name__}: {err})"
     return out, bad
 
 

@@ -120,9 +120,9 @@ def test_warm_worker_keeps_its_process_and_operator_cache(cluster, tmp_path):
 
             from recon.operators.ct import system_matrix
 
-            info = system_matrix.cache_info()
-            return os.getpid(), info.misses, info.hits
-        assert ray.get(actor.__ray_call__.remote(probe)) == (pid, 1, 2)  # built once, reused twice
+            return os.getpid(), system_matrix.cache_info().misses
+        # built once for the three jobs (recon.operators.ct caches the operator of a geometry)
+        assert ray.get(actor.__ray_call__.remote(probe)) == (pid, 1)
     finally:
         ray.kill(actor)
     assert {p for job in jobs for p in sc.start_pids(out, job.job_id)} == {pid}

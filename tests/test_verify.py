@@ -142,3 +142,15 @@ def test_status_shows_stale_running_jobs(tmp_path, capsys):
     assert "running 2 (stale 1)" in out and "no heartbeat for over 10 min" in out
     assert main(["status", str(fab.path), "--stale-after", "120"]) == 0
     assert "(stale" not in capsys.readouterr().out
+
+
+def test_open_results_names_a_garbage_live_metrics_chunk(tmp_path):
+    import pipeline
+
+    fab = sf.fabricate_store(tmp_path / "fab.zarr")
+    path, name = _chunk(fab.path, "metrics/values", 4)
+    path.write_bytes(GARBAGE)
+    ds = pipeline.open_results(fab.path)                    # lazy: opening reads no metrics chunk
+    assert ds.attrs["read_from"] == "live"
+    with pytest.raises(st.StoreError, match=f"job {fab.jobs[4].job_id}: chunk {name} cannot be decoded.*--repair"):
+        ds.psnr.mean("job").compute()

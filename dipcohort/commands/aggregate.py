@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="Dask workers (default: all CPUs)")
     p.add_argument("--scheduler", choices=("threads", "processes", "synchronous"), default=None,
                    help="Dask scheduler (default: processes from 2,000 jobs on, threads below)")
+    p.add_argument("--dask", metavar="SPEC", default=None,
+                   help="run on a Dask cluster: tcp://HOST:PORT (a running scheduler), local:N (a LocalCluster of "
+                        "N processes) or slurm[:N] (N Slurm jobs via dask-jobqueue); the workers must see the store")
     p.add_argument("--full", action="store_true",
                    help="rebuild the compact copy from scratch (default: copy only jobs that ran since)")
     p.set_defaults(func=main)
@@ -27,9 +30,14 @@ def main(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.dask is not None and (args.scheduler or args.workers):
+        raise UsageError("--dask runs on the cluster's workers: give it without --scheduler / --workers")
     t0 = time.perf_counter()
     try:
-        ds = aggregate(args.store, workers=args.workers, scheduler=args.scheduler, full=args.full)
+        if args.dask is None:
+            ds = aggregate(args.store, workers=args.workers, scheduler=args.scheduler, full=args.full)
+        else:
+            ds = _on_cluster(args.store, args.dask, args.full)
     except StoreError as err:
         raise UsageError(str(err)) from None
     counted = int(ds.n_done.sum() + ds.n_diverged.sum())
@@ -48,3 +56,18 @@ def _compaction(info: dict) -> str:
     if info["mode"] == "full":
         return f"all {info['job_blocks']} blocks of jobs copied"
     return f"{info['job_blocks_copied']} of {info['job_blocks']} blocks of jobs copied again (jobs ran since)"
+
+
+def _on_cluster(store: str, spec: str, full: bool):
+    from pipeline import dask_cluster
+    from pipeline.aggregate import aggregate
+    from pipeline.store import open_store
+
+    dask_cluster.parse(spec)            # a bad --dask is refused before anything starts
+    open_store(store)
+    with dask_cluster.connect(spec, store) as client:
+        workers = len(client.scheduler_info().get("workers", {}))
+        link = dask_cluster.dashboard_link(client)
+        link = f"; dashboard {link}" if link else ""
+        print(f"Dask cluster {client.scheduler.address}: {workers} workers{link}", flush=True)
+        return aggregate(store, client=client, full=full)
