@@ -214,6 +214,9 @@ class SlurmBackend(Backend):
             job_name=f"dipcohort-{cohort}"[:64], cpus_per_task=cpus, mem=f"{int(math.ceil(mem * 1024))}M",
             time=int(math.ceil(minutes * n_jobs)) + TIME_MARGIN_MIN, array_parallelism=self.array_parallelism,
             signal_delay_s=SIGNAL_DELAY_S, additional_parameters=extra,
+            # submitit writes --wckey=submitit by default, which sites enforcing wckeys reject: none
+            # unless the user asks (--sbatch wckey=NAME lands in additional_parameters)
+            wckey=None,
             # the package may be a source checkout rather than installed on the nodes
             setup=[f"export PYTHONPATH={shlex_quote(str(_source_root()))}${{PYTHONPATH:+:$PYTHONPATH}}",
                    f"export OMP_NUM_THREADS={cpus}",
