@@ -11,7 +11,7 @@ root `zarr.json` (rewritten after every metadata change).
                            config seed params(json) source steps image_group image_index, written
                            whole by the driver; the ledger, one chunk (1,) per job, worker-written:
                            status attempts runtime_s device error log_path heartbeat threads host
-                           checksum
+                           node checksum
       metrics/ values (job, metric, step) float32, chunk (1, M, S), fill NaN; coordinates job,
                            metric (names), metric_units, step and the job labels
       summary/ values (job, field) float64, chunk (1, F), fill NaN; coordinates field, field_units
@@ -64,9 +64,11 @@ COORDS = ("scan_id", "task", "solver", "config", "params", "source", "image_grou
 INT_COORDS = ("seed", "steps", "image_index")
 # heartbeat: Unix time the worker last said it is alive (a "running" job whose heartbeat is old
 # belongs to a dead worker); threads: torch threads the job ran with; host: where it ran;
+# node: the scheduler's name of the node (Slurm's SLURMD_NODENAME; the host name elsewhere);
 # checksum: JSON {part: digest} of what the job wrote (see `data_digest`), written before status
 LEDGER = {"status": "int8", "attempts": "int32", "runtime_s": "float64", "device": str, "error": str,
-          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str, "checksum": str}
+          "log_path": str, "heartbeat": "float64", "threads": "int32", "host": str, "node": str,
+          "checksum": str}
 IMAGE_ARRAYS = ("final", "early_stopped", "ema", "reference", "degraded")
 DISPLAY_IMAGES = ("reference", "degraded")                    # magnitude channels; the others network format
 PACKAGES = ("dipcohort", "torch", "numpy", "scipy", "scikit-image", "zarr", "xarray", "dask", "pydantic")
@@ -84,6 +86,7 @@ LONG_NAMES = {
     "runtime_s": "wall time of the whole job", "device": "device the job ran on", "error": "error message",
     "log_path": "job log, relative to the store", "heartbeat": "last heartbeat of the worker",
     "threads": "torch threads of the job", "host": "host the job ran on",
+    "node": "node the job ran on (the scheduler's node name, else the host name)",
     "checksum": "digests of what the job wrote (JSON)", "metric": "per-step metric", "field": "summary field",
     "step": "optimiser step", "final": "reconstruction returned by the solver",
     "early_stopped": "reconstruction at the early-stopping step", "ema": "exponential moving average image",
@@ -842,6 +845,12 @@ def live_fingerprint(root: zarr.Group) -> str:
 # ---------------------------------------------------------------------------------------------
 # per-job writes (worker): only this job's chunks, never metadata
 # ---------------------------------------------------------------------------------------------
+def node_name() -> str:
+    """The node this process runs on as its scheduler names it: several Slurm nodes may share a
+    host (or a node's name differ from its host name), so Slurm's name when there is one."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 class JobWriter:
     """Writes one job's chunks into an existing store; `finish` writes the ledger: checksum of
     what was written, then status last."""
@@ -863,6 +872,8 @@ class JobWriter:
         g["device"][self.i] = device
         g["threads"][self.i] = int(threads)
         g["host"][self.i] = socket.gethostname()
+        if "node" in g:  # stores created before the node was recorded lack it
+            g["node"][self.i] = node_name()
         g["heartbeat"][self.i] = time.time()
         g["checksum"][self.i] = ""
         g["status"][self.i] = STATUS_CODES["running"]

@@ -158,7 +158,7 @@ def test_each_job_owns_its_chunk_files(tmp_path):
     # error '' equals the fill value: zarr stores no chunk for it
     # threads 0 equals the fill value too
     expected = {"jobs/status/c/2", "jobs/attempts/c/2", "jobs/runtime_s/c/2", "jobs/device/c/2",
-                "jobs/heartbeat/c/2", "jobs/host/c/2", "jobs/checksum/c/2",
+                "jobs/heartbeat/c/2", "jobs/host/c/2", "jobs/node/c/2", "jobs/checksum/c/2",
                 "metrics/values/c/2/0/0", "summary/values/c/2/0",
                 f"images/{group}/final/c/{row}/0/0/0", f"images/{group}/reference/c/{row}/0/0/0",
                 f"images/{group}/degraded/c/{row}/0/0/0"}
