@@ -703,18 +703,25 @@ class Snapshot:
 
 
 def snapshot(store_path: str | Path, jobs: Sequence[Job]) -> Snapshot:
-    """The ledger entries of `jobs`, reading one chunk per job and array (cheap for a few jobs);
-    an entry whose chunk cannot be read counts as pending, never started."""
+    """The ledger entries of `jobs`: one read of their status and attempts chunks (zarr fetches
+    them together); where that fails, one job at a time, and an entry whose chunk cannot be read
+    counts as pending, never started."""
     if not jobs:
         return Snapshot({})
     g = open_store(store_path)[JOBS]
-    rows = {}
-    for job in jobs:
+    rows = [job.index for job in jobs]
+    try:
+        codes, tries = (g[name].get_coordinate_selection(np.asarray(rows)) for name in ("status", "attempts"))
+        return Snapshot({i: (int(c), int(a)) for i, c, a in zip(rows, codes, tries)})
+    except Exception:  # noqa: BLE001 - a damaged entry: find it below
+        pass
+    out = {}
+    for i in rows:
         try:
-            rows[job.index] = (int(g["status"][job.index]), int(g["attempts"][job.index]))
+            out[i] = (int(g["status"][i]), int(g["attempts"][i]))
         except Exception:  # noqa: BLE001 - damaged entry: `verify` names it
-            rows[job.index] = (0, 0)
-    return Snapshot(rows)
+            out[i] = (0, 0)
+    return Snapshot(out)
 
 
 def ended_since(before: Snapshot, now: Snapshot, job: Job) -> str | None:
@@ -741,6 +748,22 @@ def mark(store_path: str | Path, jobs: Sequence[Job | int], status: str, error: 
         g["error"][i] = error
         g["checksum"][i] = ""
         g["status"][i] = STATUS_CODES[status]
+
+
+def set_log_path(store_path: str | Path, job: Job, path: str | Path) -> None:
+    """Point the job's ledger entry at the log it writes to (a file it shares with other jobs)."""
+    open_store(store_path, mode="r+")[JOBS]["log_path"][job.index] = relative_to_store(store_path, path)
+
+
+def job_log_text(store_path: str | Path, job_id: str) -> str:
+    """The log the ledger names for `job_id` ('' while there is none); the caller picks the
+    job's section of a shared log (pipeline.worker.log_section)."""
+    root = open_store(store_path)
+    ids = list(as_text(root[JOBS][JOB][:]))
+    if job_id not in ids:
+        raise StoreError(f"{store_path}: no job {job_id!r} (`dipcohort status {store_path}` lists the jobs)")
+    path = Path(resolve_in_store(store_path, str(root[JOBS]["log_path"][ids.index(job_id)])))
+    return path.read_text(errors="replace") if path.is_file() else ""
 
 
 def record_lost(job: Job, store_path: str | Path, reason: str) -> None:

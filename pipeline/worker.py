@@ -39,7 +39,8 @@ from pipeline.store import JobWriter, checkpoint_path, log_path
 # the job
 # ---------------------------------------------------------------------------------------------
 class JobLog:
-    """Append-only per-job log file (`<STORE>.work/logs/<job_id>.log`)."""
+    """Append-only job log: `<STORE>.work/logs/<job_id>.log`, or a section of a file that several
+    jobs share (`shared_log`: one file per Slurm array task instead of one per job)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -49,6 +50,48 @@ class JobLog:
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with self.path.open("a") as fh:
             fh.write(f"{stamp} {text}\n")
+
+
+_SHARED_LOG: list[Path] = []  # the file the jobs of this process log into (shared_log), if any
+SECTION = "=== job {job_id} {edge} ==="  # a job's section in a shared log: begin ... end
+
+
+@contextmanager
+def shared_log(path: Path, job_id: str):
+    """While a job runs, its log lines go to `path` (shared with other jobs) between markers
+    that `log_section` finds; the markers are appended like the lines, so they stay in order."""
+    log = JobLog(path)
+    log.line(SECTION.format(job_id=job_id, edge="begin"))
+    _SHARED_LOG.append(path)
+    try:
+        yield log
+    finally:
+        _SHARED_LOG.remove(path)
+        log.line(SECTION.format(job_id=job_id, edge="end"))
+
+
+def job_log(store_path: str | Path, job_id: str) -> JobLog:
+    return JobLog(_SHARED_LOG[-1] if _SHARED_LOG else log_path(store_path, job_id))
+
+
+def log_section(text: str, job_id: str) -> str:
+    """The lines of `job_id` in a log: its sections of a shared log (every attempt; a section
+    cut off by a kill ends where the next job's begins), or the whole of a job's own log."""
+    if "=== job " not in text:
+        return text
+    begin, end = (SECTION.format(job_id=job_id, edge=edge) for edge in ("begin", "end"))
+    out, inside = [], False
+    for line in text.splitlines(keepends=True):
+        stripped = line.rstrip()
+        if stripped.endswith(begin):
+            inside = True
+        elif inside and stripped.endswith(" begin ==="):
+            inside = False
+        if inside:
+            out.append(line)
+        if stripped.endswith(end):
+            inside = False
+    return "".join(out)
 
 
 def device_name(device: str | torch.device | None) -> torch.device:
@@ -92,7 +135,7 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
     t0 = time.perf_counter()
     dev = device_name(device)
     label = str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})"
-    log = JobLog(log_path(store_path, job.job_id))
+    log = job_log(store_path, job.job_id)
     try:
         writer = JobWriter(store_path, job)
         attempt = writer.start(label, threads)
@@ -108,7 +151,7 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
                  f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
         status = _execute(job, store_path, dev, writer, log, stop)
     except StopRequested as err:
-        status, error = "interrupted", f"stopped by the driver: {err}"
+        status, error = "interrupted", f"stopped {stop.reason}: {err}"
         log.line(error)
     except KeyboardInterrupt:  # stopped at once (a second Ctrl-C, a cancelled Ray task): record, go on stopping
         _record(writer, log, "interrupted", time.perf_counter() - t0, "stopped at once (KeyboardInterrupt)")
@@ -162,7 +205,7 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
     ckpt = checkpoint_path(store_path, job.job_id)
     resumed = ckpt.is_file()
     if resumed:
-        log.line(f"resuming from checkpoint {ckpt}")
+        log.line(f"resuming from checkpoint {ckpt} at step {checkpoint_step(ckpt)}")
     # the checkpoint path is always given: a stop request leaves a checkpoint there (periodic
     # checkpoints only with checkpoint_every), so a rerun continues where the job stopped
     result = run_solver(job.solver, problem, steps=job.steps, params=job.params,
@@ -180,6 +223,14 @@ def _execute(job: Job, store_path: str | Path, dev: torch.device, writer: JobWri
              f"peak PSNR {_fmt(s['peak_psnr'])} at step {s['peak_step']}")
     ckpt.unlink(missing_ok=True)  # results are in the store: the checkpoint has served
     return status
+
+
+def checkpoint_step(path: Path) -> int | str:
+    """The step a checkpoint continues at ('?' where it cannot be read: the solver then says why)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["next_step"])
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "?"
 
 
 def _fmt(value: float) -> str:
