@@ -150,9 +150,8 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
         log.line(f"start job {job.job_id} ({job.label}) attempt {attempt} on {label} with {threads} thread(s); "
                  f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
         status = _execute(job, store_path, dev, writer, log, stop)
-    except StopRequested as err:
+    except StopRequested as err:  # logged by _record
         status, error = "interrupted", f"stopped {stop.reason}: {err}"
-        log.line(error)
     except KeyboardInterrupt:  # stopped at once (a second Ctrl-C, a cancelled Ray task): record, go on stopping
         _record(writer, log, "interrupted", time.perf_counter() - t0, "stopped at once (KeyboardInterrupt)")
         raise

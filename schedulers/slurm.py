@@ -55,6 +55,7 @@ TIME_MARGIN_MIN = 5               # added to each array task's time limit (start
 SIGNAL_DELAY_S = 90               # submitit: USR2 this long before the time limit -> checkpoint, requeue
 MAX_TIMEOUT_REQUEUES = 5          # requeues at the time limit before submitit gives up on a task
 POLL_S = 30.0                     # the driver looks at the queue and the ledger at most this often
+TIDY_GRACE_S = 15.0               # how long the driver waits at the end for its arrays to leave the queue
 TASK_MINUTES = 30                 # --jobs-per-task auto: an array task holds at most this many minutes of jobs
 SLURM_COMMANDS = ("sbatch", "squeue", "scontrol", "sinfo")
 
@@ -427,9 +428,21 @@ class SlurmBackend(Backend):
                     ended.add(job_id)
             if waiting:
                 self.stopping.wait(self.poll_s)
-        if ended:  # what has left the queue by now (the others on the next run: _still_queued)
-            mine = {array_id(task_of[j]) for j in ended}
-            tidy(folder, mine - active_jobs(sorted(mine)))
+        if ended:
+            self._tidy_when_gone(folder, {array_id(task_of[j]) for j in ended})
+
+    @staticmethod
+    def _tidy_when_gone(folder: Path, arrays: set[str]) -> None:
+        """Tidy the arrays once they leave the queue (their last tasks are still exiting when the
+        last outcome is read); those still there after TIDY_GRACE_S are tidied by the next run."""
+        end = time.monotonic() + TIDY_GRACE_S
+        while arrays:
+            gone = arrays - active_jobs(sorted(arrays))
+            tidy(folder, gone)
+            arrays -= gone
+            if not arrays or time.monotonic() > end:
+                return
+            time.sleep(1.0)
 
     @staticmethod
     def _lost(job: Job, store_path: str, slurm_id: str) -> str:

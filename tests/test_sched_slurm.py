@@ -121,7 +121,9 @@ def test_no_wait_status_then_rerun_follows_and_matches_local(tmp_path):
     assert not [f for f in files if f.endswith(".pkl")], files
     assert len([f for f in files if f.endswith("_log.out")]) == len(set(tasks))
     assert not (work_dir(out) / "logs").exists()    # no per-job log files
-    for script in folder.glob("*_submission.sh"):
+    scripts = [p for p in folder.iterdir() if p.suffix == ".sh"]   # submitit: .submission_file_<uuid>.sh
+    assert len(scripts) == len(records)
+    for script in scripts:
         text = script.read_text()
         assert "--wckey" not in text and "export SRUN_CPUS_PER_TASK=2" in text
 
@@ -221,7 +223,9 @@ def test_usr2_and_requeue_stop_at_a_step_and_resume_there_with_same_numbers(tmp_
         """Once attempt `attempt` has run a few seconds, send the signal; the step it stopped at."""
         sc.wait_for(lambda: sc.attempts(out)[job.job_id] == attempt and sc.statuses(out)[job.job_id] == "running",
                     300, f"attempt {attempt} running")
-        time.sleep(4)
+        # the worker renews the heartbeat from the solver loop only: a newer one means steps are running
+        started = _ledger(out, "heartbeat")[job.job_id]
+        sc.wait_for(lambda: _ledger(out, "heartbeat")[job.job_id] != started, 300, f"attempt {attempt} solving")
         subprocess.run(command, check=True, capture_output=True, timeout=30)
         sc.wait_for(lambda: sc.statuses(out)[job.job_id] == "interrupted", 120, "the job recording 'interrupted'")
         stopped = re.findall(r"stopped before step (\d+)", _log(out, job.job_id))
