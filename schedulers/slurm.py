@@ -472,6 +472,10 @@ def tidy(folder: Path, gone: set[str]) -> None:
         for pattern in (f"{slurm_id}_*submitted.pkl", f"{slurm_id}_*result.pkl"):
             for path in folder.glob(pattern):
                 path.unlink(missing_ok=True)
+    # submitit leaves a link .submission_file_<uuid>.sh -> <slurm id>_submission.sh per submission
+    for link in folder.glob(".submission_file_*.sh"):
+        if link.is_symlink() and array_id(Path(os.readlink(link)).name) in gone:
+            link.unlink(missing_ok=True)
 
 
 def split_parallelism(total: int, arrays: int) -> list[int]:
