@@ -252,15 +252,16 @@ def test_usr2_and_requeue_stop_at_a_step_and_resume_there_with_same_numbers(tmp_
 
 @pytest.mark.skipif(_WHY is None and len(_nodes()) < 2, reason="needs 2 Slurm nodes (NODES=2 scripts/slurm-local.sh up)")
 def test_node_taken_down_loses_nothing(tmp_path):
-    manifest = sc.write_manifest(tmp_path / "down.yaml", steps=1500, checkpoint_every=100, cpus=2)
+    manifest = sc.write_manifest(tmp_path / "down.yaml", steps=600, checkpoint_every=100)
     reference = sc.reference_store(manifest, tmp_path)
     out = tmp_path / "down.zarr"
     common = ("--out", str(out), "--backend", "slurm", "--device", "cpu", "--progress", "plain")
-    sc.cli("run", str(manifest), *common, "--no-wait", "--jobs-per-task", "1")
+    # --exclusive: a task holds a whole node, so two run at once on two nodes
+    sc.cli("run", str(manifest), *common, "--no-wait", "--jobs-per-task", "1", "--sbatch", "exclusive")
     nodes = lambda: _ledger(out, "node")  # noqa: E731
     running = lambda: [j for j, s in sc.statuses(out).items() if s == "running"]  # noqa: E731
     try:
-        # a job running on n2 (2 CPUs a job: each node holds one task), then n2 goes down under it
+        # a job running on n2, then n2 goes down under it
         victim = sc.wait_for(lambda: next((j for j in running() if nodes()[j] == "n2"), None), 300, "a job on n2")
         time.sleep(3)
         subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=dipcohort-test"], check=True,
