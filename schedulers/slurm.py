@@ -263,7 +263,9 @@ class SlurmBackend(Backend):
         # stderr_to_stdout: one log file per array task (the jobs' log sections go there too)
         extra = {"requeue": True, **self.sbatch}  # requeue allowed even where JobRequeue=0
         params: dict[str, Any] = dict(
-            job_name=f"dipcohort-{cohort}"[:64], cpus_per_task=cpus, mem=f"{int(math.ceil(mem * 1024))}M",
+            # one task a job, whatever the allocation: with --exclusive Slurm would otherwise start
+            # one srun task per CPU, each running the whole chunk
+            job_name=f"dipcohort-{cohort}"[:64], cpus_per_task=cpus, ntasks_per_node=1, mem=f"{int(math.ceil(mem * 1024))}M",
             time=int(math.ceil(minutes * n_jobs)) + TIME_MARGIN_MIN, array_parallelism=self.array_parallelism,
             signal_delay_s=SIGNAL_DELAY_S, additional_parameters=extra, stderr_to_stdout=True,
             # submitit writes --wckey=submitit by default, which sites enforcing wckeys reject: none

@@ -142,6 +142,8 @@ def test_sbatch_file_has_no_wckey_unless_asked_and_exports_srun_cpus(tmp_path):
     assert "#SBATCH --time=25" in plain                          # 2 jobs x 10 min + 5 min margin
     assert "#SBATCH --error" not in plain                        # one log file per task
     assert "#SBATCH --wckey=proj" in sbatch_text(sbatch={"wckey": "proj"})
+    # one srun task, so one copy of the chunk, even on an exclusive node
+    assert "#SBATCH --ntasks-per-node=1" in sbatch_text(sbatch={"exclusive": True})
 
 
 def test_jobs_per_task_auto_rule():
@@ -252,6 +254,8 @@ def test_usr2_and_requeue_stop_at_a_step_and_resume_there_with_same_numbers(tmp_
 
 @pytest.mark.skipif(_WHY is None and len(_nodes()) < 2, reason="needs 2 Slurm nodes (NODES=2 scripts/slurm-local.sh up)")
 def test_node_taken_down_loses_nothing(tmp_path):
+    from pipeline.store import checkpoint_path
+
     manifest = sc.write_manifest(tmp_path / "down.yaml", steps=600, checkpoint_every=100)
     reference = sc.reference_store(manifest, tmp_path)
     out = tmp_path / "down.zarr"
@@ -263,7 +267,8 @@ def test_node_taken_down_loses_nothing(tmp_path):
     try:
         # a job running on n2, then n2 goes down under it
         victim = sc.wait_for(lambda: next((j for j in running() if nodes()[j] == "n2"), None), 300, "a job on n2")
-        time.sleep(3)
+        # a node going down kills its jobs without warning: they fall back to the periodic checkpoint
+        sc.wait_for(lambda: checkpoint_path(out, victim).is_file(), 300, "the job's first periodic checkpoint")
         subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=dipcohort-test"], check=True,
                        capture_output=True, timeout=30)
         # Slurm requeues its task; it runs again on n1 while n2 is down
