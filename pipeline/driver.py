@@ -370,7 +370,7 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None, pack: int |
               file=stream)
         print(f"storage estimate: {_bytes(est['bytes'])} uncompressed (upper bound), {est['files']} files "
               f"({est['files_per_job']} per job)", file=stream)
-        print(f"work files: {st.work_dir(out)} (one log per job; checkpoints while jobs run)", file=stream)
+        _print_work_files(out, len(jobs), est, stream)
         _print_packing(placed, placed if todo is None else todo, pack, device, stream)
     print("dry run: nothing written", file=stream)
     return 0
@@ -385,6 +385,19 @@ def _print_packing(jobs: list[Job], todo: list[Job], pack, device, stream) -> No
                                                                 "resources.pack to run jobs together)"), file=stream)
     for line in lines:
         print(f"  {line}", file=stream)
+
+
+def _print_work_files(out: Path, n_jobs: int, est: dict, stream) -> None:
+    """Every file a run creates beside the store (in `<STORE>.work/`), and the total per job."""
+    from pipeline import store as st
+
+    work = n_jobs + 2  # a log per job, the driver's lease and stop files
+    print(f"work files in {st.work_dir(out)} after a run: at most {work} — logs/<job>.log (one per job; on Slurm one "
+          f"log per array task instead, in slurm/ with its sbatch file per array and 2 submitit pickles per "
+          f"task while it is queued, removed after), checkpoints/<job>.pt (one per running job, removed "
+          f"when it ends), driver.lease, stop", file=stream)
+    total = est["files"] + work
+    print(f"files in all after a run: at most {total} ({total / max(1, n_jobs):.1f} per job)", file=stream)
 
 
 def _print_resources(manifest, stream) -> None:

@@ -577,6 +577,114 @@ def load_scan(source: str, *, size: int | None = None, grayscale: bool = True) -
 
 
 # --------------------------------------------------------------------------------------------
+# headers: what a file holds, without reading its pixels (the driver's pre-flight on a login node)
+# --------------------------------------------------------------------------------------------
+def scan_header(source: str) -> tuple:
+    """A hashable description of what `source` holds (format, array shapes, pixel types; the
+    selector), read from the file's header only: two sources with equal headers load into
+    images of the same shape. Raises ScanError for a missing, empty or header-truncated file;
+    a format without a cheap header read (or a header this cannot parse) is loaded by the
+    caller instead (NotImplementedError)."""
+    source = str(source)
+    if source.startswith("skimage:"):
+        return ("skimage", source)
+    path_text, options = _split_source(source)
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ScanError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ScanError(f"{path}: empty file (0 bytes)")
+    suffix, selector = path.suffix.lower(), tuple(sorted(options.items()))
+    readers = {**dict.fromkeys(IMAGE_SUFFIXES, _pillow_header), **dict.fromkeys(TIFF_SUFFIXES, _tiff_header),
+               **dict.fromkeys(NUMPY_SUFFIXES, _numpy_header), **dict.fromkeys(HDF5_SUFFIXES, _hdf5_header),
+               **dict.fromkeys(DICOM_SUFFIXES, _dicom_header)}
+    reader = readers.get(suffix) or (_dicom_header if _is_dicom(path) else None)
+    if reader is None:
+        raise NotImplementedError(suffix)
+    return (suffix, selector, reader(path))
+
+
+def _pillow_header(path: Path) -> tuple:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:  # reads the header; pixels only on load()
+            return (im.size, im.mode, "transparency" in im.info)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ScanError(f"{path}: unreadable image ({err}); expected a PNG, JPEG or BMP file") from err
+
+
+def _tiff_header(path: Path) -> tuple:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return (tuple(series.shape), str(series.dtype))
+    except Exception as err:
+        raise ScanError(f"{path}: unreadable TIFF ({err})") from err
+
+
+def _npy_header(fh, size: int, where: str) -> tuple:
+    """(shape, dtype) from an open .npy stream of `size` bytes; a file shorter than its header
+    says (truncated) or an object array (needs pickle) is refused as np.load would."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    except (ValueError, OSError, EOFError) as err:
+        raise ScanError(f"{where}: unreadable NumPy file, empty, truncated or corrupt ({err})") from err
+    if dtype.hasobject:
+        raise ScanError(f"{where}: cannot load without pickle (object array); expected a numeric array")
+    if fh.tell() + int(np.prod(shape)) * dtype.itemsize > size:
+        raise ScanError(f"{where}: truncated: its header promises {shape} {dtype}, the file is {size} bytes")
+    return (tuple(shape), dtype.str)
+
+
+def _numpy_header(path: Path) -> tuple:
+    where = str(path)
+    if path.suffix.lower() == ".npy":
+        with open(path, "rb") as fh:
+            return _npy_header(fh, path.stat().st_size, where)
+    try:
+        with zipfile.ZipFile(path) as zf:  # reads the central directory at the end: a cut file fails here
+            members = []
+            for info in zf.infolist():
+                with zf.open(info) as fh:
+                    members.append((info.filename, _npy_header(fh, info.file_size, f"{where}[{info.filename}]")))
+            return tuple(members)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
+        raise ScanError(f"{where}: unreadable NumPy file, empty, truncated or corrupt ({err})") from err
+
+
+def _hdf5_header(path: Path) -> tuple:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            shapes = []
+            fh.visititems(lambda name, obj: shapes.append((name, obj.shape, obj.dtype.str))
+                          if isinstance(obj, h5py.Dataset) else None)
+            return tuple(sorted(shapes))
+    except OSError as err:
+        raise ScanError(f"{path}: unreadable HDF5 file ({err})") from err
+
+
+def _dicom_header(path: Path) -> tuple:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as err:
+        raise ScanError(f"{path}: unreadable DICOM file ({err})") from err
+    keys = ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames", "BitsAllocated", "PixelRepresentation",
+            "PhotometricInterpretation")
+    if "Rows" not in ds:
+        raise NotImplementedError("DICOM without Rows")  # let the full load say what is wrong
+    return tuple(str(ds.get(k, "")) for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
 # measured arrays (CT sinograms): raw numbers, no intensity rule
 # --------------------------------------------------------------------------------------------
 def load_array(source: str) -> np.ndarray:
@@ -608,5 +716,5 @@ def load_array(source: str) -> np.ndarray:
     return arr
 
 
-__all__ = ["ScanData", "ScanError", "load_scan", "load_array", "check_memory", "available_memory",
+__all__ = ["ScanData", "ScanError", "load_scan", "load_array", "scan_header", "check_memory", "available_memory",
            "SKIMAGE_IMAGES", "fft2c", "ifft2c", "rss"]

@@ -12,6 +12,8 @@ atomically, so two drivers cannot both take it) and the caller treats the jobs i
 The stop request is a second file (`<STORE>.work/stop`): the driver writes it on Ctrl-C /
 SIGTERM; every worker (in this process, a pool process, a Ray task, on any node that sees the
 store) polls it at step boundaries through `StopCheck`, stops, and records 'interrupted'.
+A scheduler can also stop the jobs of its own process only (`stop_this_process`: Slurm's
+preemption / time-limit signal to one array task) through the same check.
 """
 from __future__ import annotations
 
@@ -260,8 +262,22 @@ def clear_stop(store: str | Path) -> None:
     stop_path(store).unlink(missing_ok=True)
 
 
+_PROCESS_STOP: list[str] = []  # reason, once this process was told to stop (stop_this_process)
+
+
+def stop_this_process(reason: str) -> None:
+    """Stop the jobs of this process at their next step boundary (safe in a signal handler:
+    it only appends to a list, which `StopCheck` reads at every step)."""
+    _PROCESS_STOP.append(reason)
+
+
+def process_stop_reason() -> str | None:
+    return _PROCESS_STOP[0] if _PROCESS_STOP else None
+
+
 class StopCheck:
-    """`check()` is True once the driver asked to stop; the file is looked at most every `every_s`."""
+    """`check()` is True once the driver asked to stop (the file is looked at most every
+    `every_s`) or this process was told to (`stop_this_process`, looked at every call)."""
 
     def __init__(self, store: str | Path, every_s: float | None = None):
         self.path = stop_path(store)
@@ -270,8 +286,14 @@ class StopCheck:
         self._stopped = False
 
     def __call__(self) -> bool:
+        if _PROCESS_STOP:
+            return True
         now = time.monotonic()
         if not self._stopped and now >= self._next:
             self._next = now + self.every_s
             self._stopped = self.path.exists()
         return self._stopped
+
+    @property
+    def reason(self) -> str:
+        return process_stop_reason() or "by the driver"

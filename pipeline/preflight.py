@@ -1,18 +1,20 @@
 """Checks of a manifest's scans and solver configurations before the driver writes anything.
 
-The same checks as `dipcohort recon`: every scan's source is loaded (a few threads: I/O bound),
-its problem is built once per distinct signature (task, task parameters, kind, reference, array
-shapes: what the shape probe keys on), and every solver configuration is constructed on it (on
-the CPU: networks, inputs, options such as 'fbp' needing a CT operator). What fails is named
-with the manifest, the scan and the configuration; the shapes found are what the store is
-created with.
+The driver runs this on the login node, so it reads as little as it can: every scan's file
+header (`pipeline.io.scan_header`: PNG/JPEG/BMP, TIFF, NPY/NPZ, DICOM, HDF5; a few threads, I/O
+bound), which refuses missing, empty and header-truncated files, then groups the scans by
+signature (task, task parameters, kind, reference, size, colour and header: what decides the
+image shape). One scan per signature is probed: loaded in full, its problem built and every
+solver configuration constructed on it (on the CPU: networks, inputs, options such as 'fbp'
+needing a CT operator), as `dipcohort recon` does; the others get its shape. A file whose
+pixels are damaged behind an intact header is found when its job runs (recorded failed with
+the error). What fails is named with the manifest, the scan and the configuration; the shapes
+found are what the store is created with.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.jobs import ScanSpec, canonical_json
@@ -23,52 +25,76 @@ MAX_LISTED = 10  # scans named in one message; the rest are counted
 
 @dataclass
 class ScanCheck:
-    """Image shape per usable scan; the load error of each scan whose source is missing or unreadable."""
+    """Image shape per usable scan; the load error of each scan whose source is missing or
+    unreadable; `probed`: the scans loaded in full (one per signature)."""
 
     shapes: dict = field(default_factory=dict)
     unloadable: dict[str, str] = field(default_factory=dict)
+    probed: list[str] = field(default_factory=list)
 
 
 def check_manifest(manifest: Manifest, allow_missing: bool = False, threads: int = 4) -> ScanCheck:
-    """Load every scan, build its problem, construct every solver configuration on it.
+    """Read every scan's header, probe one scan per signature (see the module doc).
 
     A missing or unreadable source raises UsageError unless `allow_missing` (then it is listed
     in `unloadable`); an invalid task parameter or solver configuration always raises ManifestError.
     """
-    data, unloadable = _load_all(manifest.scans, threads)
-    if unloadable and not allow_missing:
-        raise UsageError(_unloadable_message(manifest, unloadable) + "\n  fix these sources, or pass "
-                         "--allow-missing to record their jobs failed and run the others")
+    headers, unloadable = _headers(manifest.scans, threads)
+    _refuse(manifest, unloadable, allow_missing)
     check = ScanCheck(unloadable=unloadable)
-    by_signature: dict[str, object] = {}
+    groups: dict[str, list[ScanSpec]] = {}
     for spec in manifest.scans:
-        if spec.id in unloadable:
-            continue
-        key = _signature(spec, data[spec.id])
-        if key not in by_signature:
-            by_signature[key] = _shape_and_solvers(manifest, spec, data[spec.id])
-        check.shapes[spec.id] = by_signature[key]
+        if spec.id not in unloadable:
+            groups.setdefault(_signature(spec, headers[spec.id]), []).append(spec)
+    for specs in groups.values():
+        shape = _probe(manifest, specs, check)
+        check.shapes.update({s.id: shape for s in specs if s.id not in check.unloadable and shape is not None})
+    _refuse(manifest, check.unloadable, allow_missing)
     return check
 
 
-def _load_all(scans: list[ScanSpec], threads: int) -> tuple[dict, dict[str, str]]:
-    def load(spec: ScanSpec):
-        from pipeline.scans import load  # a measured CT sinogram as raw numbers, an image otherwise
+def _refuse(manifest: Manifest, unloadable: dict[str, str], allow_missing: bool) -> None:
+    if unloadable and not allow_missing:
+        raise UsageError(_unloadable_message(manifest, unloadable) + "\n  fix these sources, or pass "
+                         "--allow-missing to record their jobs failed and run the others")
+
+
+def _headers(scans: list[ScanSpec], threads: int) -> tuple[dict, dict[str, str]]:
+    """Header per scan (None: no cheap header read, the probe loads it), and the header errors."""
+    def read(spec: ScanSpec):
+        from pipeline.io import scan_header
 
         try:
-            return spec.id, load(spec), None
+            return spec.id, scan_header(spec.source), None
+        except NotImplementedError:
+            return spec.id, None, None
         except Exception as err:  # noqa: BLE001 - any failure to read the file is the file's problem
             return spec.id, None, f"{type(err).__name__}: {err}"
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(load, scans))
-    return ({i: d for i, d, e in results if e is None}, {i: e for i, _, e in results if e is not None})
+        results = list(pool.map(read, scans))
+    return ({i: h for i, h, e in results if e is None}, {i: e for i, _, e in results if e is not None})
 
 
-def _signature(spec: ScanSpec, data) -> str:
-    arrays = [list(data.shape)] if isinstance(data, np.ndarray) else \
-        {k: list(np.shape(v)) for k, v in vars(data).items() if isinstance(v, np.ndarray)}
-    return canonical_json([spec.task, spec.task_params, spec.kind, spec.reference, arrays])
+def _signature(spec: ScanSpec, header) -> str:
+    # no header: the scan is its own signature (loaded in full)
+    what = repr(header) if header is not None else f"source {spec.source}"
+    return canonical_json([spec.task, spec.task_params, spec.kind, spec.reference, spec.size, spec.color, what])
+
+
+def _probe(manifest: Manifest, specs: list[ScanSpec], check: ScanCheck):
+    """Load the first scan of a signature that loads; its shape (None if none of them loads)."""
+    from pipeline.scans import load  # a measured CT sinogram as raw numbers, an image otherwise
+
+    for spec in specs:
+        try:
+            data = load(spec)
+        except Exception as err:  # noqa: BLE001 - the header looked fine, the pixels do not
+            check.unloadable[spec.id] = f"{type(err).__name__}: {err}"
+            continue
+        check.probed.append(spec.id)
+        return _shape_and_solvers(manifest, spec, data)
+    return None
 
 
 def _shape_and_solvers(manifest: Manifest, spec: ScanSpec, data):

@@ -65,7 +65,8 @@ COORDS = ("scan_id", "task", "solver", "config", "params", "source", "image_grou
 INT_COORDS = ("seed", "steps", "image_index")
 # heartbeat: Unix time the worker last said it is alive (a "running" job whose heartbeat is old
 # belongs to a dead worker); threads: torch threads the job ran with; host: where it ran;
-# node: the scheduler's name of that node (Ray: the node's name, by default its IP; else the host);
+# node: the scheduler's name of the node (Slurm: SLURMD_NODENAME; Ray: the node's name, by default its IP;
+# else the host name);
 # ray_node_id: the Ray node's id (hex; "" off Ray: several Ray nodes may share one host and name);
 # checksum: JSON {part: digest} of what the job wrote (see `data_digest`), written before status
 LEDGER = {"status": "int8", "attempts": "int32", "runtime_s": "float64", "device": str, "error": str,
@@ -88,7 +89,7 @@ LONG_NAMES = {
     "runtime_s": "wall time of the whole job", "device": "device the job ran on", "error": "error message",
     "log_path": "job log, relative to the store", "heartbeat": "last heartbeat of the worker",
     "threads": "torch threads of the job", "host": "host the job ran on",
-    "node": "cluster node the job ran on", "ray_node_id": "Ray node id the job ran on",
+    "node": "node the job ran on (the scheduler's node name, else the host name)", "ray_node_id": "Ray node id the job ran on",
     "checksum": "digests of what the job wrote (JSON)", "metric": "per-step metric", "field": "summary field",
     "step": "optimiser step", "final": "reconstruction returned by the solver",
     "early_stopped": "reconstruction at the early-stopping step", "ema": "exponential moving average image",
@@ -790,19 +791,21 @@ class Snapshot:
 
 
 def snapshot(store_path: str | Path, jobs: Sequence[Job | Pack]) -> Snapshot:
-    """The ledger entries of `jobs`, reading one chunk per job and array (cheap for a few jobs);
-    an entry whose chunk cannot be read counts as pending, never started. A pack's entry is
-    its members' together (`pack_entry`), under the pack's index."""
+    """The ledger entries of `jobs`: one read of their status and attempts chunks (zarr fetches
+    them together); where that fails, one job at a time, and an entry whose chunk cannot be read
+    counts as pending, never started. A pack's entry is its members' together (`pack_entry`),
+    under the pack's index."""
     if not jobs:
         return Snapshot({})
     g = open_store(store_path)[JOBS]
-    rows = {}
-    for job in jobs:
-        if isinstance(job, Pack):
-            rows[job.index] = pack_entry([_entry(g, m.index) for m in job.members])
-        else:
-            rows[job.index] = _entry(g, job.index)
-    return Snapshot(rows)
+    rows = sorted({m.index for job in jobs for m in (job.members if isinstance(job, Pack) else [job])})
+    try:
+        codes, tries = (g[name].get_coordinate_selection(np.asarray(rows)) for name in ("status", "attempts"))
+        entries = {i: (int(c), int(a)) for i, c, a in zip(rows, codes, tries)}
+    except Exception:  # noqa: BLE001 - a damaged entry: read one at a time, `verify` names it
+        entries = {i: _entry(g, i) for i in rows}
+    return Snapshot({job.index: pack_entry([entries[m.index] for m in job.members]) if isinstance(job, Pack)
+                     else entries[job.index] for job in jobs})
 
 
 def _entry(g: zarr.Group, i: int) -> tuple[int, int]:
@@ -850,6 +853,25 @@ def mark(store_path: str | Path, jobs: Sequence[Job | int], status: str, error: 
         g["error"][i] = error
         g["checksum"][i] = ""
         g["status"][i] = STATUS_CODES[status]
+
+
+def set_log_path(store_path: str | Path, job: Job | Pack, path: str | Path) -> None:
+    """Point the job's ledger entry (a pack's: each member's) at the log it writes to (a file it
+    shares with other jobs)."""
+    g = open_store(store_path, mode="r+")[JOBS]
+    for member in job.jobs if isinstance(job, Pack) else [job]:
+        g["log_path"][member.index] = relative_to_store(store_path, path)
+
+
+def job_log_text(store_path: str | Path, job_id: str) -> str:
+    """The log the ledger names for `job_id` ('' while there is none); the caller picks the
+    job's section of a shared log (pipeline.worker.log_section)."""
+    root = open_store(store_path)
+    ids = list(as_text(root[JOBS][JOB][:]))
+    if job_id not in ids:
+        raise StoreError(f"{store_path}: no job {job_id!r} (`dipcohort status {store_path}` lists the jobs)")
+    path = Path(resolve_in_store(store_path, str(root[JOBS]["log_path"][ids.index(job_id)])))
+    return path.read_text(errors="replace") if path.is_file() else ""
 
 
 def record_lost(job: Job | Pack, store_path: str | Path, reason: str) -> None:
@@ -961,6 +983,12 @@ def live_fingerprint(root: zarr.Group) -> str:
 # ---------------------------------------------------------------------------------------------
 # per-job writes (worker): only this job's chunks, never metadata
 # ---------------------------------------------------------------------------------------------
+def node_name() -> str:
+    """The node this process runs on as its scheduler names it: several Slurm nodes may share a
+    host (or a node's name differ from its host name), so Slurm's name when there is one."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 class JobWriter:
     """Writes one job's chunks into an existing store; `finish` writes the ledger: checksum of
     what was written, then status last."""
@@ -982,7 +1010,7 @@ class JobWriter:
         g["device"][self.i] = device
         g["threads"][self.i] = int(threads)
         g["host"][self.i] = socket.gethostname()
-        g["node"][self.i] = node or socket.gethostname()
+        g["node"][self.i] = node or node_name()
         g["ray_node_id"][self.i] = ray_node_id
         g["heartbeat"][self.i] = time.time()
         g["checksum"][self.i] = ""

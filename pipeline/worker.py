@@ -41,7 +41,8 @@ from pipeline.store import JobWriter, checkpoint_path, log_path
 # the job
 # ---------------------------------------------------------------------------------------------
 class JobLog:
-    """Append-only per-job log file (`<STORE>.work/logs/<job_id>.log`)."""
+    """Append-only job log: `<STORE>.work/logs/<job_id>.log`, or a section of a file that several
+    jobs share (`shared_log`: one file per Slurm array task instead of one per job)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -51,6 +52,55 @@ class JobLog:
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with self.path.open("a") as fh:
             fh.write(f"{stamp} {text}\n")
+
+
+_SHARED_LOG: list[Path] = []  # the file the jobs of this process log into (shared_log), if any
+SECTION = "=== job {job_id} {edge} ==="  # a job's section in a shared log: begin ... end
+
+
+@contextmanager
+def shared_log(path: Path, job_id: str):
+    """While a job runs, its log lines go to `path` (shared with other jobs) between markers
+    that `log_section` finds; the markers are appended like the lines, so they stay in order."""
+    log = JobLog(path)
+    log.line(SECTION.format(job_id=job_id, edge="begin"))
+    _SHARED_LOG.append(path)
+    try:
+        yield log
+    finally:
+        _SHARED_LOG.remove(path)
+        log.line(SECTION.format(job_id=job_id, edge="end"))
+
+
+def job_log(store_path: str | Path, job_id: str) -> JobLog:
+    return JobLog(_SHARED_LOG[-1] if _SHARED_LOG else log_path(store_path, job_id))
+
+
+def log_section(text: str, job_id: str) -> str:
+    """The lines of `job_id` in a log: its sections of a shared log (every attempt; a section
+    cut off by a kill ends where the next job's begins), else the sections that name it (a pack's
+    section names every member), or the whole of a job's own log."""
+    if "=== job " not in text:
+        return text
+    sections = _sections(text)
+    own = [body for owner, body in sections if owner == job_id]
+    return "".join(own or [body for _, body in sections if job_id in body])
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(owner id, text) of each `=== job ID begin ===` ... `=== job ID end ===` section."""
+    out: list[tuple[str, list[str]]] = []
+    inside = False
+    for line in text.splitlines(keepends=True):
+        stripped = line.rstrip()
+        if stripped.endswith(" begin ===") and "=== job " in stripped:
+            out.append((stripped.rsplit("=== job ", 1)[1].split()[0], []))
+            inside = True
+        if inside:
+            out[-1][1].append(line)
+        if stripped.endswith(" end ===") and "=== job " in stripped:
+            inside = False
+    return [(owner, "".join(lines)) for owner, lines in out]
 
 
 def device_name(device: str | torch.device | None) -> torch.device:
@@ -108,7 +158,7 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
     t0 = time.perf_counter()
     dev = device_name(device)
     label = device_label(dev)
-    log = JobLog(log_path(store_path, job.job_id))
+    log = job_log(store_path, job.job_id)
     try:
         writer = JobWriter(store_path, job)
         attempt = writer.start(label, threads, **where)
@@ -125,9 +175,8 @@ def _run_job(job: Job, store_path: str | Path, device, threads: int, stop: StopC
                  f"{threads} thread(s); "
                  f"solver {job.solver} params {json.dumps(job.params, sort_keys=True)} steps {job.steps}")
         status = _execute(job, store_path, dev, writer, log, stop)
-    except StopRequested as err:
-        status, error = "interrupted", f"stopped by the driver: {err}"
-        log.line(error)
+    except StopRequested as err:  # logged by _record
+        status, error = "interrupted", f"stopped {stop.reason}: {err}"
     except KeyboardInterrupt:  # stopped at once (a second Ctrl-C, a cancelled Ray task): record, go on stopping
         _record(writer, log, "interrupted", time.perf_counter() - t0, "stopped at once (KeyboardInterrupt)")
         raise
@@ -194,7 +243,7 @@ def job_problem(job: Job):
 def _checkpoint(store_path: str | Path, job: Job, log: JobLog) -> Path:
     ckpt = checkpoint_path(store_path, job.job_id)
     if ckpt.is_file():
-        log.line(f"resuming from checkpoint {ckpt}")
+        log.line(f"resuming from checkpoint {ckpt} at step {checkpoint_step(ckpt)}")
     return ckpt
 
 
@@ -213,6 +262,14 @@ def write_result(writer: JobWriter, log: JobLog, result, problem, ckpt: Path) ->
              f"peak PSNR {_fmt(s['peak_psnr'])} at step {s['peak_step']}")
     ckpt.unlink(missing_ok=True)  # results are in the store: the checkpoint has served
     return status
+
+
+def checkpoint_step(path: Path) -> int | str:
+    """The step a checkpoint continues at ('?' where it cannot be read: the solver then says why)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["next_step"])
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "?"
 
 
 def _fmt(value: float) -> str:

@@ -180,6 +180,37 @@ def test_invalid_scan_or_solver_exits_2_and_writes_nothing(tmp_path, capsys, cha
         assert main(["run", str(m), "--out", str(out), "--dry-run"]) == 2
 
 
+def test_preflight_reads_headers_and_probes_one_scan_per_signature(tmp_path, monkeypatch):
+    """The login node loads one scan per signature, not every scan; the others' shapes come from
+    the same header; a truncated .npz (header check) is refused like a missing file."""
+    import pipeline.scans as scans
+    from pipeline.manifest import load_manifest
+    from pipeline.preflight import check_manifest
+
+    rows = []
+    for k in range(6):  # two shapes of 3 files each, all resized to 32 px: one signature per file shape
+        np.save(tmp_path / f"s{k}.npy", np.random.default_rng(k).random((40 + 8 * (k % 2), 48)).astype(np.float32))
+        rows.append(f'  - {{id: s{k}, source: s{k}.npy, task: denoise, params: {{sigma: 25}}}}')
+    m = tmp_path / "m.yaml"
+    m.write_text("cohort: hdr\nsteps: 20\nsize: 32\nseeds: [0]\nscans:\n" + "\n".join(rows)
+                 + "\nsolvers:\n  - {name: dip, params: {network: tiny}}\n")
+    loaded = []
+    real_load = scans.load
+    monkeypatch.setattr(scans, "load", lambda spec: loaded.append(spec.id) or real_load(spec))
+    check = check_manifest(load_manifest(m))
+    assert sorted(loaded) == sorted(check.probed) == ["s0", "s1"]
+    assert set(check.shapes) == {f"s{k}" for k in range(6)} and not check.unloadable
+    assert {s.group for s in check.shapes.values()} == {"c1_32x32"}
+    # a cut .npz: its zip directory is gone, the header read refuses it with exit 2
+    np.savez(tmp_path / "whole.npz", image=np.zeros((32, 32), np.float32))
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "s5.npy").unlink()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    m.write_text(m.read_text().replace("s5.npy", "cut.npz"))
+    assert main(["run", str(m), "--out", str(tmp_path / "o.zarr"), "--device", "cpu", "--progress", "quiet"]) == 2
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_allow_missing_records_the_missing_scan_failed(tmp_path, capsys):
     m, out = setup(tmp_path, MANIFEST.replace('"skimage:camera"', "gone.npy"))
     assert run(m, "--out", out, "--allow-missing") == 1

@@ -1,4 +1,7 @@
-"""`dipcohort status STORE`: counts per status and per solver, stale and damaged jobs, failed jobs with error and log."""
+"""`dipcohort status STORE`: counts per status and per solver, stale and damaged jobs, failed jobs with error and log.
+
+`--log JOB` prints that job's log: its sections of a log it shares with other jobs (Slurm: one
+file per array task), or its own log file."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
                    help="refresh counts, throughput, ETA and the latest failures every SECONDS (default 5) "
                         "until no job is left to run")
+    p.add_argument("--log", default=None, metavar="JOB",
+                   help="print the log of job JOB (a job id, as listed here and in the ledger) and exit")
     p.set_defaults(func=main)
 
 
@@ -32,6 +37,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--stale-after must be > 0 minutes, got {args.stale_after:g}")
     root = open_store(args.store)           # StoreError: one line, exit 2
     try:
+        if args.log is not None:
+            return _print_log(args.store, args.log)
         if args.watch is not None:
             from pipeline.watch import watch
 
@@ -43,6 +50,19 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     except BrokenPipeError:                 # `status STORE | head`: the reader left; end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print_log(store_path, job_id: str) -> int:
+    from pipeline.store import job_log_text
+    from pipeline.worker import log_section
+
+    text = log_section(job_log_text(store_path, job_id), job_id)  # an unknown job: StoreError, exit 2
+    if not text:
+        print(f"job {job_id} has written no log yet", file=sys.stderr)
+        return 0
+    sys.stdout.write(text)
+    sys.stdout.flush()
     return 0
 
 
