@@ -585,7 +585,7 @@ def scan_header(source: str) -> tuple:
     images of the same shape. Raises ScanError for a missing, empty or header-truncated file;
     a format without a cheap header read (or a header this cannot parse) is loaded by the
     caller instead (NotImplementedError)."""
-    source = str(source)
+    source = resolve_package_source(str(source))
     if source.startswith("skimage:"):
         return ("skimage", source)
     path_text, options = _split_source(source)
@@ -690,7 +690,7 @@ def _dicom_header(path: Path) -> tuple:
 def load_array(source: str) -> np.ndarray:
     """A measured real array from .npy or .npz (`FILE.npz#key=NAME`, default 'sinogram' or the only
     array), without pickle; raises ScanError naming the file."""
-    path_text, options = _split_source(str(source))
+    path_text, options = _split_source(resolve_package_source(str(source)))
     path = Path(path_text).expanduser()
     if path.suffix.lower() not in NUMPY_SUFFIXES:
         raise ScanError(f"{source}: a measured sinogram must be a .npy or .npz file")
