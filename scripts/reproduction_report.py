@@ -120,6 +120,8 @@ def fmt_pair(p: dict | None) -> str:
     if p is None:
         return "-"
     lo, hi = p.get("ci_low", math.nan), p.get("ci_high", math.nan)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{p['mean_diff']:+.2f}, n={int(p['n_pairs'])} (no interval from one pair)"
     sig = "" if (lo > 0 or hi < 0) else " (n.s.)"
     return f"{p['mean_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}], n={int(p['n_pairs'])}{sig}"
 
