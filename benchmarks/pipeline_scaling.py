@@ -114,6 +114,7 @@ def backend_for(name: str, workers: int):
 def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) -> dict:
     import zarr
 
+    from pipeline.store import settle
     from pipeline.worker import run_job
 
     out = base / f"{name}-{workers}.zarr"
@@ -125,6 +126,7 @@ def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) ->
         wall = time.perf_counter() - t0
     finally:
         close()
+    settle(out)  # the driver's tidying at the end of a run: the ledger entries folded into the columns
     root = zarr.open_group(str(out), mode="r")
     rows = [j.index for j in jobs]
     fields = list(root["summary"]["values"].attrs["summary_fields"])

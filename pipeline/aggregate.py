@@ -331,14 +331,9 @@ def compact_jobs(path: str, a: int, b: int) -> dict:
     read after it are complete.
     """
     root = zarr.open_group(path, mode="r+")
-    src = root[st.JOBS]
-    out: dict = {}
-    problems: dict[int, list[str]] = {}
-    for name in LEDGER:
-        values, bad = st.read_rows(src[name], a, b)
-        out[name] = as_text(np.asarray(values))
-        for row, why in bad.items():
-            problems.setdefault(row, []).append(why)
+    ledger, damage = st.read_ledger(root, range(a, b))      # live entries over the settled columns
+    out: dict = dict(ledger)
+    problems: dict[int, list[str]] = {row: list(why) for row, why in damage.items()}
     metrics, bad_m = st.read_rows(root[st.METRICS][st.VALUES], a, b)
     summary, bad_s = st.read_rows(root[st.SUMMARY][st.VALUES], a, b)
     counted = {STATUS_CODES[s] for s in COUNTED}

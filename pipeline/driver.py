@@ -102,6 +102,7 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     if stopping.signum is not None:
         if not backend.detached:
             mark_interrupted(out, todo, f"stopped by signal {stopping.name}", stream=None)
+            settle_ledger(out, stream)
         summarize(out, stream, elapsed=time.monotonic() - t0)
         print(f"stopped by {stopping.name}: interrupted jobs continue when you rerun the same command",
               file=sys.stderr)
@@ -116,7 +117,22 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
                          f"or read-only file system: see the messages above); the run stopped there. Free "
                          f"space (or fix the file system) and rerun the same command: they continue, and "
                          f"what was done is kept")
+    if not backend.detached:
+        settle_ledger(out, stream)
     return summarize(out, stream, elapsed=time.monotonic() - t0)
+
+
+def settle_ledger(out: Path, stream) -> None:
+    """Fold the jobs' ledger entries into the ledger's columns: one file per job fewer. Only
+    once the backend has returned (no worker left) and under the lease; a failure leaves the
+    entries, which still hold the ledger, and the next run settles them."""
+    from pipeline import store as st
+
+    try:
+        st.settle(out)
+    except OSError as err:
+        print(f"warning: {out}: the ledger's entries were not folded into its columns ({err}); the next "
+              f"run does it", file=stream)
 
 
 def _units(jobs: list[Job], todo: list[Job], pack, device, stream) -> list:
@@ -288,12 +304,9 @@ def create_cohort_store(out: str | Path, manifest, stream=None, check=None) -> l
     jobs = [by_id.get(j.job_id, j) for j in jobs]  # unloadable scans keep image_group ''
     st.create_store(out, jobs, groups, cohort=manifest.cohort, manifest_text=manifest.text,
                     manifest_path=manifest.path, metric_names=st.metric_names_for(c.solver for c in manifest.configs))
-    if errors:
-        root = st.open_store(out, mode="r+")
-        for job in jobs:
-            if job.scan.id in errors:
-                root["jobs/error"][job.index] = f"scan could not be loaded when the store was created: {errors[job.scan.id]}"
-                root["jobs/status"][job.index] = STATUS_CODES["failed"]
+    for job in jobs:
+        if job.scan.id in errors:
+            st.mark(out, [job], "failed", f"scan could not be loaded when the store was created: {errors[job.scan.id]}")
     return jobs
 
 
@@ -311,11 +324,9 @@ def _place_late(out: Path, todo: list[Job], stream) -> list[Job]:
             errors[scan.id] = f"{type(err).__name__}: {err}"
             print(f"warning: scan {scan.id}: {errors[scan.id]} (its jobs stay failed)", file=stream)
     placed = {j.job_id: j for j in st.place_late_jobs(out, [j for j in late if j.scan.id in shapes], shapes)}
-    if errors:
-        root = st.open_store(out, mode="r+")
-        for job in late:
-            if job.scan.id in errors:
-                root["jobs/error"][job.index] = f"scan could not be loaded: {errors[job.scan.id]}"
+    for job in late:
+        if job.scan.id in errors:
+            st.mark(out, [job], "failed", f"scan could not be loaded: {errors[job.scan.id]}")
     return [placed.get(j.job_id, j) for j in todo if j.image_group or j.job_id in placed]
 
 
@@ -369,7 +380,8 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None, pack: int |
         print(f"image groups: {', '.join(f'{k} ({sum(j.image_group == k for j in placed)} jobs)' for k in groups)}",
               file=stream)
         print(f"storage estimate: {_bytes(est['bytes'])} uncompressed (upper bound), {est['files']} files "
-              f"({est['files_per_job']} per job)", file=stream)
+              f"({est['files_per_job']} per job; while a job runs, one more: its ledger entry, folded into the "
+              f"ledger's columns when the run ends)", file=stream)
         _print_work_files(out, len(jobs), est, stream)
         _print_packing(placed, placed if todo is None else todo, pack, device, stream)
     print("dry run: nothing written", file=stream)

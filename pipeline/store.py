@@ -1,6 +1,7 @@
 """The results store (Zarr v3, plain xarray): its schema, atomic creation, the ledger, checksums.
 
-Layout version 2. Every data group opens with `xarray.open_zarr(STORE, group=...)` and the
+Layout version 3 (version 2 stores open and run too: their ledger columns keep one chunk per
+job). Every data group opens with `xarray.open_zarr(STORE, group=...)` and the
 whole store with `xarray.open_datatree(STORE, engine="zarr")`; metadata is consolidated in the
 root `zarr.json` (rewritten after every metadata change).
 
@@ -9,9 +10,11 @@ root `zarr.json` (rewritten after every metadata change).
                            summary_fields, image_groups, max_steps, layout_version, work_dir
       jobs/    (job)       job: the job ids (dimension coordinate); coordinates scan_id task solver
                            config seed params(json) source steps image_group image_index, written
-                           whole by the driver; the ledger, one chunk (1,) per job, worker-written:
-                           status attempts runtime_s device error log_path heartbeat threads host
-                           node ray_node_id checksum
+                           whole by the driver; the ledger columns status attempts runtime_s
+                           device error log_path heartbeat threads host node ray_node_id checksum,
+                           chunks of LEDGER_BLOCK jobs written only by the driver (`settle`); entry:
+                           each job's live ledger entry (JSON of those fields), one chunk (file) per
+                           job, the only ledger file a worker writes
       metrics/ values (job, metric, step) float32, chunk (1, M, S), fill NaN; coordinates job,
                            metric (names), metric_units, step and the job labels; attrs
                            metric_definitions (JSON text {task: definition of psnr, ssim, ...})
@@ -23,7 +26,15 @@ root `zarr.json` (rewritten after every metadata change).
 
 The driver creates every group and array before a worker starts (`create_store`, which builds
 the store beside its name and renames it into place when complete); a worker writes only its
-own job's chunks (so no locks) and never creates anything. Late image groups (`place_late_jobs`)
+own job's chunks (so no locks) and never creates anything.
+
+The ledger has two tiers so that a job costs one ledger file while it runs and none after: a
+worker (and the driver marking a job no worker runs) rewrites the job's whole entry, one file
+replaced atomically; readers take an entry over the columns. When a run ends the driver, still
+holding the lease and with no worker left, folds the entries into the columns and removes them
+(`settle`). Readers read the entries before the columns and `settle` writes the columns before
+it removes an entry, so a reader never misses a value; a driver killed mid-settle leaves the
+entries, which still win. Late image groups (`place_late_jobs`)
 are new groups: arrays other workers write are never resized. Paths in the store are relative to
 it; logs and checkpoints live beside it in `<STORE>.work/`.
 """
@@ -54,7 +65,10 @@ from pipeline.jobs import FINISHED, STATUS_CODES, STATUS_NAMES, Job, Pack
 from pipeline.lease import pid_alive
 from recon.solvers.loop import LOOP_METRICS, SUMMARY_FIELDS
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
+READABLE_LAYOUTS = (2, 3)          # 2: ledger columns of one chunk per job, no live entries until first opened
+LEDGER_BLOCK = 1024                # jobs per ledger column chunk: 12 files per 1,024 jobs; a damaged chunk costs 1,024 entries
+ENTRY = "entry"                    # jobs/entry: the live ledger entries
 JOBS, METRICS, SUMMARY, IMAGES, AGGREGATE = "jobs", "metrics", "summary", "images", "aggregate"
 VALUES = "values"                  # the data array of metrics/ and summary/
 JOB = "job"                        # the dimension (and dimension coordinate: job ids) of every data group
@@ -90,7 +104,9 @@ LONG_NAMES = {
     "log_path": "job log, relative to the store", "heartbeat": "last heartbeat of the worker",
     "threads": "torch threads of the job", "host": "host the job ran on",
     "node": "node the job ran on (the scheduler's node name, else the host name)", "ray_node_id": "Ray node id the job ran on",
-    "checksum": "digests of what the job wrote (JSON)", "metric": "per-step metric", "field": "summary field",
+    "checksum": "digests of what the job wrote (JSON)",
+    "entry": "live ledger entry of the job (JSON of the ledger fields; supersedes the columns until the driver settles it)",
+    "metric": "per-step metric", "field": "summary field",
     "step": "optimiser step", "final": "reconstruction returned by the solver",
     "early_stopped": "reconstruction at the early-stopping step", "ema": "exponential moving average image",
     "reference": "ground-truth image (display channels)", "degraded": "degraded image (display channels)",
@@ -252,8 +268,9 @@ def _root_attrs(path: Path, groups, cohort, manifest_text, manifest_path, metric
 
 
 def _check_space(path: Path, n_jobs: int, n_groups: int) -> None:
-    """Refuse before writing when the empty store cannot fit: one file per job (its log path)
-    plus ~100 metadata and coordinate files, each taking at least a 4 KiB block."""
+    """Refuse before writing when the empty store cannot fit, with room for each job's first
+    write (its ledger entry): ~100 metadata and coordinate files plus one file per job, each
+    taking at least a 4 KiB block."""
     need = (n_jobs + 100 + 20 * n_groups) * 4096
     free = shutil.disk_usage(path.parent).free
     if free < need:
@@ -358,32 +375,43 @@ def _create_jobs(root: zarr.Group, jobs: Sequence[Job], path: Path) -> None:
         new_array(g, name, np.asarray(values) if len(jobs) else np.asarray([], dtype=np.asarray(values).dtype))
     coordinates = " ".join([labels, *info])
     n = len(jobs)
+    block = min(LEDGER_BLOCK, max(n, 1))
     for name in LEDGER:
-        _new_ledger_array(g, name, n, coordinates)
-    # log paths are known up front; writing them here saves the worker a file per job
+        _new_ledger_array(g, name, n, coordinates, block)
+    _new_entry_array(g, n, coordinates)
+    # log paths are known up front: written here, whole, they cost no file per job
     if n:
         g["log_path"][:] = np.asarray([relative_to_store(path, log_path(path, j.job_id)) for j in jobs], dtype=str)
 
 
-def _new_ledger_array(g: zarr.Group, name: str, n: int, coordinates: str) -> zarr.Array:
-    """One ledger array, chunk (1,): each job owns its ledger entries."""
+def _new_ledger_array(g: zarr.Group, name: str, n: int, coordinates: str, block: int) -> zarr.Array:
+    """One ledger column, chunks of `block` jobs (the driver writes them; workers write entries)."""
     units = {"runtime_s": {"units": "s"}, "heartbeat": {"units": "seconds since 1970-01-01T00:00:00Z"}}
     fill = 0 if name in ("status", "attempts", "threads") else None
-    return new_array(g, name, shape=(n,), chunks=(1,), dtype=LEDGER[name], fill=fill, coordinates=coordinates,
+    return new_array(g, name, shape=(n,), chunks=(block,), dtype=LEDGER[name], fill=fill, coordinates=coordinates,
                      attrs=units.get(name) or ({"flag_values": json.dumps(STATUS_CODES)} if name == "status" else None))
 
 
+def _new_entry_array(g: zarr.Group, n: int, coordinates: str) -> zarr.Array:
+    """The live entries, chunk (1,): each job owns its entry file ('' = none: the columns hold the job)."""
+    return new_array(g, ENTRY, shape=(n,), chunks=(1,), dtype=str, coordinates=coordinates)
+
+
 def _add_missing_ledger_fields(path: Path, root: zarr.Group, mode: str) -> zarr.Group:
-    """A store made before a ledger field existed (same layout, e.g. `node`) gets it, empty, so
-    stores keep working across such additions; a read-only store is read with the field empty."""
-    missing = [name for name in LEDGER if name not in root[JOBS]]
+    """A store made before a ledger field existed (e.g. `node`, or layout 2 without `entry`)
+    gets it, empty, so stores keep working across such additions; a read-only store is read
+    with the field empty. New columns take the chunking of the store's others."""
+    missing = [name for name in (*LEDGER, ENTRY) if name not in root[JOBS]]
     if not missing:
         return root
     try:
         g = zarr.open_group(str(path), mode="r+")[JOBS]
         coordinates = g["status"].attrs.get("coordinates", "")
         for name in missing:
-            _new_ledger_array(g, name, g["status"].shape[0], coordinates)
+            if name == ENTRY:
+                _new_entry_array(g, g["status"].shape[0], coordinates)
+            else:
+                _new_ledger_array(g, name, g["status"].shape[0], coordinates, g["status"].chunks[0])
         consolidate(path)
     except (OSError, zarr.errors.ContainsArrayError):  # read-only, or another process added it first
         return root
@@ -454,14 +482,17 @@ def git_commit() -> str | None:
 
 
 def estimate(jobs: Sequence[Job], groups: dict[str, ImageShape], n_metrics: int) -> dict[str, int]:
-    """Uncompressed bytes and file count of a store for these jobs (an upper bound: zstd shrinks it)."""
+    """Uncompressed bytes and file count of a store for these jobs (an upper bound: zstd shrinks it).
+
+    files: after a run, its ledger settled; files_per_job: the data chunks each job writes
+    (metrics, summary, images); while it runs a job has one more, its ledger entry."""
     steps = max(job.steps for job in jobs)
     per_job = {name: n_metrics * steps * 4 + len(SUMMARY_FIELDS) * 8 + 64 for name in groups}
     nbytes = sum(per_job[j.image_group] + groups[j.image_group].image_bytes() for j in jobs)
-    # per job: its ledger entries but log_path (written by the driver) + metrics + summary + images
-    files_per_job = len(LEDGER) - 1 + 2 + len(IMAGE_ARRAYS)
+    files_per_job = 2 + len(IMAGE_ARRAYS)
     labels = 1 + len(LABELS)
-    fixed = (5 + 2 * len(LEDGER) + 2 * (labels + len(COORDS) + len(INT_COORDS))
+    ledger_chunks = len(LEDGER) * math.ceil(len(jobs) / LEDGER_BLOCK)
+    fixed = (5 + len(LEDGER) + 1 + ledger_chunks + 2 * (labels + len(COORDS) + len(INT_COORDS))
              + 2 * (labels + 4) + len(groups) * (1 + labels + 1 + len(IMAGE_ARRAYS)) * 2)
     return {"bytes": int(nbytes), "files": len(jobs) * files_per_job + fixed, "files_per_job": files_per_job}
 
@@ -531,9 +562,10 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     version = root.attrs.get("layout_version")
     if JOBS not in root or "status_codes" not in root.attrs or version is None:
         raise StoreError(f"{path}: a Zarr group but not a dipcohort results store (no 'jobs' group)")
-    if version != LAYOUT_VERSION:
+    if version not in READABLE_LAYOUTS:
         raise StoreError(f"{path}: store layout {version} was written by another dipcohort version; this one "
-                         f"reads layout {LAYOUT_VERSION} only: run the manifest again into a new --out")
+                         f"reads layouts {', '.join(map(str, READABLE_LAYOUTS))} only: run the manifest again "
+                         f"into a new --out")
     return _add_missing_ledger_fields(path, root, mode)
 
 
@@ -626,8 +658,8 @@ def remove_store(path: str | Path) -> None:
 # reading chunks by job, naming the job and chunk of any that cannot be read
 # ---------------------------------------------------------------------------------------------
 def chunk_name(arr: zarr.Array, row: int) -> str:
-    """The store path of the chunk holding `row` of an array chunked one job per chunk."""
-    return f"{arr.path}/{arr.metadata.encode_chunk_key((row,) + (0,) * (arr.ndim - 1))}"
+    """The store path of the chunk holding `row` of an array chunked by job (whole in the other dimensions)."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((row // arr.chunks[0],) + (0,) * (arr.ndim - 1))}"
 
 
 def chunk_file(root: zarr.Group, arr: zarr.Array, row: int) -> Path | None:
@@ -642,7 +674,7 @@ def read_rows(arr: zarr.Array, a: int, b: int) -> tuple[np.ndarray, dict[int, st
     StringDType arrays (`as_text` makes either str)."""
     codecs = _job_chunk_codecs(arr)
     if codecs is not None:
-        return _read_job_chunks(arr, a, b, *codecs)
+        return _read_job_chunks(arr, range(a, b), *codecs)
     try:
         return arr[a:b], {}
     except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
@@ -683,18 +715,19 @@ def _job_chunk_codecs(arr: zarr.Array):
     return None
 
 
-def _read_job_chunks(arr: zarr.Array, a: int, b: int, kind: str, dtype) -> tuple[np.ndarray, dict[int, str]]:
-    """read_rows for the layout `_job_chunk_codecs` accepts: an absent chunk is the fill value
-    (zarr does not write chunks equal to it), one that cannot be decoded is listed."""
+def _read_job_chunks(arr: zarr.Array, rows: Sequence[int], kind: str, dtype) -> tuple[np.ndarray, dict[int, str]]:
+    """read_rows for the layout `_job_chunk_codecs` accepts, for any rows (out[k] is rows[k]):
+    an absent chunk is the fill value (zarr does not write chunks equal to it), one that cannot
+    be decoded is listed."""
     from numcodecs import VLenUTF8, Zstd
 
     zstd, vlen = Zstd(), VLenUTF8()
     text = kind == "text"
-    out = np.full((b - a, *arr.shape[1:]), "" if text else arr.fill_value, dtype=object if text else arr.dtype)
+    out = np.full((len(rows), *arr.shape[1:]), "" if text else arr.fill_value, dtype=object if text else arr.dtype)
     folder = Path(str(arr.store.root)) / arr.path
     tail = (0,) * (arr.ndim - 1)
     bad = {}
-    for i in range(a, b):
+    for k, i in enumerate(rows):
         key = arr.metadata.encode_chunk_key((i,) + tail)
         try:
             raw = (folder / key).read_bytes()
@@ -702,41 +735,116 @@ def _read_job_chunks(arr: zarr.Array, a: int, b: int, kind: str, dtype) -> tuple
             continue
         try:
             data = zstd.decode(raw)
-            out[i - a] = vlen.decode(data)[0] if text else np.frombuffer(data, dtype=dtype).reshape(arr.shape[1:])
+            out[k] = vlen.decode(data)[0] if text else np.frombuffer(data, dtype=dtype).reshape(arr.shape[1:])
         except Exception as err:  # noqa: BLE001 - garbage bytes, a truncated file
             bad[i] = f"chunk {arr.path}/{key} cannot be decoded ({type(err).__name__}: {err})"
     return out, bad
 
 
 def statuses(root: zarr.Group) -> np.ndarray:
-    """Status code per job row; DAMAGED (-1) where the status chunk cannot be decoded."""
-    values, bad = read_rows(root[JOBS]["status"], 0, root[JOBS]["status"].shape[0])
-    values = np.asarray(values, dtype=np.int8)
-    values[list(bad)] = DAMAGED
-    return values
+    """Status code per job row; DAMAGED (-1) where the job's status cannot be read."""
+    return read_ledger(root, fields=("status",))[0]["status"]
 
 
 def status_name(code: int) -> str:
     return "damaged" if code == DAMAGED else STATUS_NAMES.get(int(code), f"unknown({int(code)})")
 
 
-def read_ledger(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
-    """Every ledger array (text as str) and, per job row, the chunks that could not be read."""
+def read_ledger(root: zarr.Group, rows: Sequence[int] | None = None, fields: Sequence[str] = tuple(LEDGER)
+                ) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
+    """Ledger fields of job `rows` (default all; value k is rows[k]), text as str, status DAMAGED
+    where unreadable, and per job row the chunks that could not be read. A job's live entry
+    supersedes the columns; the entries are read first (see the module docstring)."""
     g = root[JOBS]
-    n = g["status"].shape[0]
-    out, damage = {}, {}
-    for name in LEDGER:
-        if name not in g:  # a read-only store older than this field (_add_missing_ledger_fields)
-            out[name] = np.full(n, "") if LEDGER[name] is str else np.zeros(n, dtype=LEDGER[name])
-            continue
-        values, bad = read_rows(g[name], 0, n)
-        out[name] = as_text(np.asarray(values)) if LEDGER[name] is str else np.asarray(values)
+    rows = range(g["status"].shape[0]) if rows is None else rows
+    entries, damage = read_entries(g, rows)
+    unknown = set(damage)                    # rows whose status cannot be read: their entry, or the column
+    out = {}
+    for name in fields:
+        values, bad = _column_rows(g, name, rows)
         for row, why in bad.items():
-            damage.setdefault(row, []).append(why)
-        if name == "status":
-            out[name] = out[name].astype(np.int8)
-            out[name][list(bad)] = DAMAGED
+            if row not in entries:           # an entry holds every field: the column is not needed
+                damage.setdefault(row, []).append(why)
+                unknown |= {row} if name == "status" else set()
+        out[name] = _with_entries(values, name, rows, entries)
+    if "status" in out:
+        out["status"] = out["status"].astype(np.int8)
+        out["status"][[k for k, row in enumerate(rows) if row in unknown]] = DAMAGED
     return out, damage
+
+
+def _column_rows(g: zarr.Group, name: str, rows: Sequence[int]) -> tuple[np.ndarray, dict[int, str]]:
+    """One ledger column at `rows` (a range: chunk by chunk; others: only their chunks)."""
+    n = len(rows)
+    if name not in g:  # a read-only store older than this field (_add_missing_ledger_fields)
+        return (np.full(n, "") if LEDGER[name] is str else np.zeros(n, dtype=LEDGER[name])), {}
+    arr = g[name]
+    if isinstance(rows, range) and rows.step == 1:
+        return read_rows(arr, rows.start, rows.stop)
+    try:
+        return arr.get_coordinate_selection(np.asarray(rows, dtype=np.int64)), {}
+    except Exception:  # noqa: BLE001 - a damaged chunk: one row at a time names it
+        parts = [_column_rows(g, name, range(r, r + 1)) for r in rows]
+        return np.concatenate([v for v, _ in parts]), {k: why for _, bad in parts for k, why in bad.items()}
+
+
+def _with_entries(values: np.ndarray, name: str, rows: Sequence[int], entries: dict[int, dict]) -> np.ndarray:
+    values = as_text(np.asarray(values)) if LEDGER[name] is str else np.asarray(values)
+    if entries:
+        values = values.astype(object) if LEDGER[name] is str else values.copy()
+        for k, row in enumerate(rows):
+            if row in entries:
+                values[k] = entries[row][name]
+        values = values.astype(str) if LEDGER[name] is str else values
+    return values
+
+
+def read_entries(g: zarr.Group, rows: Sequence[int]) -> tuple[dict[int, dict], dict[int, list[str]]]:
+    """The live entries among `rows` ({row: every ledger field}) and those that cannot be read."""
+    texts, damage = _entry_texts(g, rows)
+    entries = {}
+    for row, text in texts.items():
+        try:
+            entries[row] = _entry_fields(json.loads(text))
+        except (ValueError, TypeError, KeyError) as err:
+            damage[row] = [f"chunk {chunk_name(g[ENTRY], row)} cannot be decoded (not a ledger entry: {err})"]
+    return entries, damage
+
+
+def _entry_texts(g: zarr.Group, rows: Sequence[int]) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """The entries' JSON text among `rows` and the rows whose entry chunk cannot be decoded."""
+    if ENTRY not in g:                       # a read-only layout-2 store: no entries yet
+        return {}, {}
+    arr = g[ENTRY]
+    present = _entry_rows(arr, rows)
+    codecs = _job_chunk_codecs(arr)
+    if codecs is not None:
+        texts, bad = _read_job_chunks(arr, present, *codecs)
+    else:
+        texts, bad = arr.get_coordinate_selection(np.asarray(present, dtype=np.int64)), {}
+    found = {row: str(text) for row, text in zip(present, texts) if row not in bad and text}
+    return found, {row: [why] for row, why in bad.items()}
+
+
+def _entry_rows(arr: zarr.Array, rows: Sequence[int]) -> list[int]:
+    """Those of `rows` that may have an entry (on a local store with many rows: whose chunk file
+    exists, one directory listing instead of a failed open per row)."""
+    if not isinstance(arr.store, zarr.storage.LocalStore) or len(rows) <= 64:
+        return list(rows)
+    folder = Path(str(arr.store.root)) / arr.path / "c"
+    try:
+        names = {int(name) for name in os.listdir(folder) if name.isdigit()}
+    except FileNotFoundError:
+        return []
+    return [row for row in rows if row in names]
+
+
+def _entry_fields(value: dict) -> dict:
+    """An entry's fields with their column types (KeyError / TypeError when it is not an entry)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, found {type(value).__name__}")
+    return {name: (str(value[name]) if kind is str else np.dtype(kind).type(value[name]))
+            for name, kind in LEDGER.items()}
 
 
 def ledger_table(path_or_root: str | Path | zarr.Group, store_path: str | Path | None = None):
@@ -791,28 +899,17 @@ class Snapshot:
 
 
 def snapshot(store_path: str | Path, jobs: Sequence[Job | Pack]) -> Snapshot:
-    """The ledger entries of `jobs`: one read of their status and attempts chunks (zarr fetches
-    them together); where that fails, one job at a time, and an entry whose chunk cannot be read
-    counts as pending, never started. A pack's entry is its members' together (`pack_entry`),
-    under the pack's index."""
+    """The ledger entries of `jobs`: their live entries and only the column chunks holding them;
+    an entry that cannot be read counts as pending, never started. A pack's entry is its
+    members' together (`pack_entry`), under the pack's index."""
     if not jobs:
         return Snapshot({})
-    g = open_store(store_path)[JOBS]
     rows = sorted({m.index for job in jobs for m in (job.members if isinstance(job, Pack) else [job])})
-    try:
-        codes, tries = (g[name].get_coordinate_selection(np.asarray(rows)) for name in ("status", "attempts"))
-        entries = {i: (int(c), int(a)) for i, c, a in zip(rows, codes, tries)}
-    except Exception:  # noqa: BLE001 - a damaged entry: read one at a time, `verify` names it
-        entries = {i: _entry(g, i) for i in rows}
+    ledger, damage = read_ledger(open_store(store_path), rows, fields=("status", "attempts"))
+    entries = {row: (0, 0) if row in damage else (int(c), int(a))
+               for row, c, a in zip(rows, ledger["status"], ledger["attempts"])}
     return Snapshot({job.index: pack_entry([entries[m.index] for m in job.members]) if isinstance(job, Pack)
                      else entries[job.index] for job in jobs})
-
-
-def _entry(g: zarr.Group, i: int) -> tuple[int, int]:
-    try:
-        return int(g["status"][i]), int(g["attempts"][i])
-    except Exception:  # noqa: BLE001 - damaged entry: `verify` names it
-        return 0, 0
 
 
 def pack_entry(entries: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -847,20 +944,39 @@ def mark(store_path: str | Path, jobs: Sequence[Job | int], status: str, error: 
     and `verify --repair` ('pending': run again). The checksum is cleared: it no longer vouches
     for the data.
     """
-    g = open_store(store_path, mode="r+")[JOBS]
+    root = open_store(store_path, mode="r+")
     for job in jobs:
         i = job if isinstance(job, (int, np.integer)) else job.index
-        g["error"][i] = error
-        g["checksum"][i] = ""
-        g["status"][i] = STATUS_CODES[status]
+        write_entry(root, int(i), {**current_entry(root, int(i)), "error": error, "checksum": "",
+                                   "status": STATUS_CODES[status]})
 
 
 def set_log_path(store_path: str | Path, job: Job | Pack, path: str | Path) -> None:
     """Point the job's ledger entry (a pack's: each member's) at the log it writes to (a file it
-    shares with other jobs)."""
-    g = open_store(store_path, mode="r+")[JOBS]
+    shares with other jobs). Called by the process running the job, its entry's one writer."""
+    root = open_store(store_path, mode="r+")
     for member in job.jobs if isinstance(job, Pack) else [job]:
-        g["log_path"][member.index] = relative_to_store(store_path, path)
+        entry = current_entry(root, member.index)
+        write_entry(root, member.index, {**entry, "log_path": relative_to_store(store_path, path)})
+
+
+def current_entry(root: zarr.Group, row: int) -> dict:
+    """Job `row`'s ledger fields as they stand (its entry, else the columns; unreadable: empty)."""
+    ledger, _ = read_ledger(root, [row])
+    return {name: values[0] for name, values in ledger.items()} | (
+        {"status": STATUS_CODES["pending"]} if int(ledger["status"][0]) == DAMAGED else {})
+
+
+def write_entry(root: zarr.Group, row: int, fields: dict) -> None:
+    """Replace job `row`'s live entry with `fields` (every ledger field): one file, written
+    atomically (zarr's local store writes beside it and renames)."""
+    entry = {name: (str(fields[name]) if kind is str else _number(fields[name])) for name, kind in LEDGER.items()}
+    root[JOBS][ENTRY][row] = json.dumps(entry, sort_keys=True)
+
+
+def _number(value) -> int | float:
+    value = value.item() if isinstance(value, np.generic) else value
+    return value if isinstance(value, (int, float)) else float(value)
 
 
 def job_log_text(store_path: str | Path, job_id: str) -> str:
@@ -870,7 +986,8 @@ def job_log_text(store_path: str | Path, job_id: str) -> str:
     ids = list(as_text(root[JOBS][JOB][:]))
     if job_id not in ids:
         raise StoreError(f"{store_path}: no job {job_id!r} (`dipcohort status {store_path}` lists the jobs)")
-    path = Path(resolve_in_store(store_path, str(root[JOBS]["log_path"][ids.index(job_id)])))
+    stored = read_ledger(root, [ids.index(job_id)], fields=("log_path",))[0]["log_path"][0]
+    path = Path(resolve_in_store(store_path, str(stored)))
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
@@ -947,28 +1064,11 @@ def parse_checksum(text: str) -> dict[str, str]:
 
 
 def ledger_digests(root: zarr.Group) -> list[bytes]:
-    """Per job, a digest of its (status, attempts): changes whenever the job is (re)run.
-
-    On a local directory store it hashes the job's two chunk files (bytes, '' when absent)
-    without decoding them: ~30 µs a job instead of zarr's ~0.5 ms a chunk, so checking a
-    10,000-job store takes well under a second. Otherwise it hashes the decoded values.
-    """
-    g = root[JOBS]
-    status, attempts = g["status"], g["attempts"]
+    """Per job, a digest of its (status, attempts): changes whenever the job is (re)run. Read
+    from the entries and the column chunks (a few files for a settled store of 10,000 jobs)."""
+    ledger, _ = read_ledger(root, fields=("status", "attempts"))
     digest = lambda data: hashlib.blake2b(data, digest_size=8).digest()  # noqa: E731
-    if chunk_file(root, status, 0) is None or root.path not in ("", "/"):
-        values = zip(statuses(root), read_rows(attempts, 0, attempts.shape[0])[0].astype(np.int32))
-        return [digest(s.tobytes() + a.tobytes()) for s, a in values]
-    out = []
-    for i in range(status.shape[0]):
-        parts = []
-        for arr in (status, attempts):
-            try:
-                parts.append(chunk_file(root, arr, i).read_bytes())
-            except FileNotFoundError:
-                parts.append(b"")           # never written: the fill value
-        out.append(digest(b"\0".join(parts)))
-    return out
+    return [digest(np.int8(s).tobytes() + np.int32(a).tobytes()) for s, a in zip(ledger["status"], ledger["attempts"])]
 
 
 def fingerprint(digests: Sequence[bytes]) -> str:
@@ -990,36 +1090,34 @@ def node_name() -> str:
 
 
 class JobWriter:
-    """Writes one job's chunks into an existing store; `finish` writes the ledger: checksum of
-    what was written, then status last."""
+    """Writes one job's chunks into an existing store and its ledger entry (one file, rewritten
+    whole); `finish` writes the entry with the checksum of what was written and the status, after
+    every data chunk."""
 
     def __init__(self, store_path: str | Path, job: Job):
         self.root = open_store(store_path, mode="r+")
         self.job = job
         self.i = job.index
         self.digests: dict[str, str] = {}
+        self.entry: dict | None = None   # the entry as this writer last wrote it
+
+    def _write(self, **fields) -> None:
+        self.entry = {**(self.entry or current_entry(self.root, self.i)), **fields}
+        write_entry(self.root, self.i, self.entry)
 
     def start(self, device: str, threads: int = 0, node: str = "", ray_node_id: str = "") -> int:
-        """Mark running, count the attempt, record where (node: default the host); returns the attempt number."""
-        g = self.root[JOBS]
-        try:
-            attempts = int(g["attempts"][self.i]) + 1
-        except Exception:  # noqa: BLE001 - a damaged entry (verify found it): count from its repair
-            attempts = 1
-        g["attempts"][self.i] = attempts
-        g["device"][self.i] = device
-        g["threads"][self.i] = int(threads)
-        g["host"][self.i] = socket.gethostname()
-        g["node"][self.i] = node or node_name()
-        g["ray_node_id"][self.i] = ray_node_id
-        g["heartbeat"][self.i] = time.time()
-        g["checksum"][self.i] = ""
-        g["status"][self.i] = STATUS_CODES["running"]
+        """Mark running, count the attempt, record where (node: default the host); returns the attempt number.
+        A damaged entry (verify found it) counts from its repair: attempt 1."""
+        self.entry = current_entry(self.root, self.i)     # read once: the columns, or a previous entry
+        attempts = int(self.entry["attempts"]) + 1
+        self._write(attempts=attempts, device=device, threads=int(threads), host=socket.gethostname(),
+                    node=node or node_name(), ray_node_id=ray_node_id, heartbeat=time.time(), checksum="",
+                    status=STATUS_CODES["running"])
         return attempts
 
     def heartbeat(self) -> None:
         """Say the job is still alive (`status` tells running jobs from stale ones by this)."""
-        self.root[JOBS]["heartbeat"][self.i] = time.time()
+        self._write(heartbeat=time.time())
 
     def metrics(self, history: dict[str, np.ndarray]) -> None:
         arr = self.root[METRICS][VALUES]
@@ -1056,10 +1154,65 @@ class JobWriter:
             self.digests[f"images/{name}"] = data_digest(image)
 
     def finish(self, status: str, runtime_s: float, error: str = "", device: str | None = None) -> None:
-        g = self.root[JOBS]
-        g["runtime_s"][self.i] = float(runtime_s)
-        g["error"][self.i] = error
-        if device is not None:
-            g["device"][self.i] = device
-        g["checksum"][self.i] = json.dumps(self.digests, sort_keys=True) if status in FINISHED else ""
-        g["status"][self.i] = STATUS_CODES[status]  # LAST: 'done' means every other write is complete
+        """LAST, after the data: 'done' (with the checksum, in the same file) means every other write is complete."""
+        where = {} if device is None else {"device": device}
+        self._write(runtime_s=float(runtime_s), error=error, **where, status=STATUS_CODES[status],
+                    checksum=json.dumps(self.digests, sort_keys=True) if status in FINISHED else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# settling the ledger (driver, holding the lease, once no worker can write)
+# ---------------------------------------------------------------------------------------------
+def settle(store_path: str | Path) -> int:
+    """Fold the live entries into the ledger columns and remove them; returns how many.
+
+    Only for the driver when its run has ended (it holds the lease; no worker is left). Entries
+    of jobs still 'running' (a worker lost without trace) and of column chunks that cannot be
+    read are kept: the entries still win, and `verify` names the chunk. An entry is removed only
+    when its file still holds what was folded.
+    """
+    root = open_store(store_path, mode="r+")
+    g = root[JOBS]
+    if ENTRY not in g:
+        return 0
+    texts, _ = _entry_texts(g, range(g[ENTRY].shape[0]))
+    entries, _ = read_entries(g, sorted(texts))
+    rows = {row for row, e in entries.items() if int(e["status"]) != STATUS_CODES["running"]}
+    folded = set()
+    for a, b in _blocks(g["status"].chunks[0], g["status"].shape[0], rows):
+        if _fold_block(g, a, b, {row: entries[row] for row in rows}):
+            folded |= {row for row in rows if a <= row < b}
+    _remove_entries(g, {row: texts[row] for row in folded})
+    return len(folded)
+
+
+def _blocks(size: int, n: int, rows: Iterable[int]) -> list[tuple[int, int]]:
+    """The column chunks [a, b) holding `rows`."""
+    starts = sorted({row // size * size for row in rows})
+    return [(a, min(a + size, n)) for a in starts]
+
+
+def _fold_block(g: zarr.Group, a: int, b: int, entries: dict[int, dict]) -> bool:
+    """Write the column chunks [a, b) with the block's entries taken in (each chunk replaced
+    whole, atomically); False, writing nothing, when one cannot be read."""
+    columns = {}
+    for name in LEDGER:
+        values, bad = _column_rows(g, name, range(a, b))
+        if bad:
+            return False
+        columns[name] = _with_entries(values, name, range(a, b), entries)
+    for name, values in columns.items():
+        g[name][a:b] = values
+    return True
+
+
+def _remove_entries(g: zarr.Group, folded: dict[int, str]) -> None:
+    arr = g[ENTRY]
+    local = isinstance(arr.store, zarr.storage.LocalStore)
+    for row, text in folded.items():
+        if _entry_texts(g, [row])[0].get(row) != text:
+            continue                         # rewritten since it was read: it stays, and wins
+        if local:                            # ~30 µs instead of zarr's ~1 ms a chunk
+            (Path(str(arr.store.root)) / chunk_name(arr, row)).unlink(missing_ok=True)
+        else:
+            arr[row] = ""

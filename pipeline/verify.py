@@ -70,16 +70,22 @@ def _data_problems(root, row: int, coords, checksum: str) -> list[str]:
 
 def repair(store_path: str | Path, damaged: list[Damage]) -> None:
     """Mark the damaged jobs pending (their attempts kept) so the next run redoes them; ledger
-    chunks that cannot be decoded are first rewritten with their fill values."""
+    chunks that cannot be decoded are first rewritten with their fill values (a column chunk
+    holds LEDGER_BLOCK jobs: all of them, damaged too, are listed)."""
     if not damaged:
         return
     root = st.open_store(store_path, mode="r+")
     g = root[st.JOBS]
     rows = [d.row for d in damaged]
+    _, bad = st.read_entries(g, rows)
+    for row in bad:
+        g[st.ENTRY][row] = ""
     for name in st.LEDGER:
         arr = g[name]
         _, bad = st.read_rows(arr, min(rows), max(rows) + 1)
-        for row in set(bad) & set(rows):
-            arr[row] = "" if st.LEDGER[name] is str else np.asarray(arr.fill_value, dtype=arr.dtype)
+        for a in sorted({row // arr.chunks[0] * arr.chunks[0] for row in set(bad) & set(rows)}):
+            b = min(a + arr.chunks[0], arr.shape[0])
+            arr[a:b] = np.full(b - a, "" if st.LEDGER[name] is str else arr.fill_value, dtype=object if
+                               st.LEDGER[name] is str else arr.dtype)
     for d in damaged:
         st.mark(store_path, [d.row], "pending", error=f"verify: {'; '.join(d.problems)}")

@@ -97,9 +97,11 @@ def summary_row(metrics: np.ndarray, diverged: bool, rng: np.random.Generator) -
 
 
 def fabricate_store(path: str | Path, *, tasks=("denoise", "mri"), configs=CONFIGS, n_scans=3, seeds=(0, 1),
-                    size: int = 16, statuses: dict[int, str] | None = None, seed: int = 0) -> Fabricated:
+                    size: int = 16, statuses: dict[int, str] | None = None, seed: int = 0,
+                    settled: bool = True) -> Fabricated:
     """A small store written job by job with the worker's writer; every job done unless
-    `statuses` says otherwise ({job row: 'pending' | 'running' | 'failed' | 'diverged'})."""
+    `statuses` says otherwise ({job row: 'pending' | 'running' | 'failed' | 'diverged'}).
+    `settled`: the ledger's entries folded into its columns, as the driver leaves it after a run."""
     rng = np.random.default_rng(seed)
     jobs = create(path, make_jobs(tasks, configs, n_scans, seeds), size)
     n, n_steps = len(jobs), max(j.steps for j in jobs)
@@ -111,6 +113,8 @@ def fabricate_store(path: str | Path, *, tasks=("denoise", "mri"), configs=CONFI
     images = _empty_images(jobs, size)
     for job in jobs:
         _write_job(path, job, int(status[job.index]), metrics, summary, images, rng)
+    if settled:
+        st.settle(path)
     return Fabricated(Path(path), jobs, status, metrics, summary, images)
 
 

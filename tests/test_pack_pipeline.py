@@ -76,8 +76,7 @@ def _each_job_recorded(store) -> None:
     assert set(sc.statuses(store).values()) == {"done"}
     assert set(sc.attempts(store).values()) == {1}
     assert set(sc.threads(store).values()) == {1}
-    g = zarr.open_group(str(store), mode="r")["jobs"]
-    assert all(str(c).startswith("{") for c in g["checksum"][:])
+    assert all(str(c).startswith("{") for c in sc.ledger_field(store, "checksum").values())
     for job_id in sc.statuses(store):
         assert "(a pack of " in sc.log_text(store, job_id)
     checked = verify_store(store)
@@ -187,8 +186,7 @@ def test_set_up_failure_of_one_job_leaves_its_pack_mates_done_and_retry_is_per_j
     status = sc.statuses(out)
     assert {status[j] for j in ids["img"]} == {"failed"}
     assert {status[j] for j in ids["cam"] + ids["moon"]} == {"done"}
-    g = zarr.open_group(str(out), mode="r")["jobs"]
-    errors = dict(zip(map(str, g["job"][:]), map(str, g["error"][:])))
+    errors = sc.ledger_field(out, "error")
     assert all("img.npy" in errors[j] for j in ids["img"])
     # the cam jobs ran in a pack of 2 (its img mates failed): numbers close to their unpacked ones
     assert all("(a pack of 4:" in sc.log_text(out, j) for j in ids["cam"])

@@ -95,9 +95,7 @@ def test_exception_in_job_is_failed_not_retried(cluster, tmp_path):
     assert sc.statuses(out) == {by_scan["good"]: "done", by_scan["gone"]: "failed"}
     assert sc.attempts(out)[by_scan["gone"]] == 1   # an exception is not a crash: no retry
     assert progress.counts == {"done": 1, "failed": 1}
-    import zarr
-
-    error = str(zarr.open_group(str(out), mode="r")["jobs/error"][[j.index for j in jobs if j.scan.id == "gone"][0]])
+    error = sc.ledger_field(out, "error")[by_scan["gone"]]
     assert "scan.npy" in error
 
 

@@ -54,10 +54,7 @@ def _nodes() -> list[str]:
 
 
 def _ledger(out, name: str) -> dict[str, str]:
-    import zarr
-
-    g = zarr.open_group(str(out), mode="r")["jobs"]
-    return {str(j): str(v) for j, v in zip(g["job"][:], g[name][:])}
+    return {j: str(v) for j, v in sc.ledger_field(out, name).items()}
 
 
 def _log(out, job_id: str) -> str:

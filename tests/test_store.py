@@ -51,7 +51,7 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     assert root.attrs["manifest"] == "cohort: t\n"
     assert st.root_attr(root, "status_codes") == STATUS_CODES
     assert "numpy" in st.root_attr(root, "packages") and "zarr" in st.root_attr(root, "packages")
-    assert root.attrs["layout_version"] == 2 and root.attrs["manifest_path"] == "../m.yaml"
+    assert root.attrs["layout_version"] == 3 and root.attrs["manifest_path"] == "../m.yaml"
     assert "git_commit" in root.attrs and root.attrs["created"].endswith("+00:00")
     names = root.attrs["metric_names"]
     assert names[:len(st.BASE_METRICS)] == list(LOOP_METRICS) and "data" in names and "autoencoding" in names
@@ -63,7 +63,8 @@ def test_layout_names_shapes_chunks_and_attrs(tmp_path):
     for name in (st.JOB, *st.COORDS, *st.INT_COORDS, *st.LEDGER):
         assert g[name].shape == (n,), name
     for name in st.LEDGER:
-        assert g[name].chunks == (1,), f"ledger {name} must be one chunk per job"
+        assert g[name].chunks == (min(n, st.LEDGER_BLOCK),), f"ledger column {name}: chunks of LEDGER_BLOCK jobs"
+    assert g[st.ENTRY].shape == (n,) and g[st.ENTRY].chunks == (1,), "the live entries: one chunk per job"
     assert list(g["job"][:]) == [j.job_id for j in jobs]
     assert list(g["seed"][:]) == [j.seed for j in jobs]
     assert (g["status"][:] == STATUS_CODES["pending"]).all()
@@ -129,7 +130,10 @@ def test_concurrent_writers_never_corrupt_each_other(tmp_path):
     with ProcessPoolExecutor(n_proc, mp_context=mp.get_context("spawn")) as pool:
         list(pool.map(_write_jobs, [str(path)] * n_proc, parts))
 
-    root = zarr.open_group(str(path), mode="r")
+    ledger, damage = st.read_ledger(st.open_store(path))      # the workers' entries
+    assert (ledger["status"] == STATUS_CODES["done"]).all() and (ledger["attempts"] == 1).all() and not damage
+    assert st.settle(path) == 16 and not list((path / "jobs" / st.ENTRY).rglob("c/*"))
+    root = zarr.open_group(str(path), mode="r")                # folded into the columns, as plain zarr reads them
     names = list(root.attrs["metric_names"])
     assert (root["jobs/status"][:] == STATUS_CODES["done"]).all()
     assert (root["jobs/attempts"][:] == 1).all()
@@ -155,11 +159,8 @@ def test_each_job_owns_its_chunk_files(tmp_path):
     new = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - \
         {p.relative_to(path).as_posix() for p in before}
     group, row = jobs[2].image_group, jobs[2].image_index
-    # error '' equals the fill value: zarr stores no chunk for it
-    # threads 0 equals the fill value too, and so does ray_node_id '' off Ray
-    expected = {"jobs/status/c/2", "jobs/attempts/c/2", "jobs/runtime_s/c/2", "jobs/device/c/2",
-                "jobs/heartbeat/c/2", "jobs/host/c/2", "jobs/node/c/2", "jobs/checksum/c/2",
-                "metrics/values/c/2/0/0", "summary/values/c/2/0",
+    # the whole ledger entry is one file; early_stopped and ema stay NaN, the fill value: no chunk
+    expected = {"jobs/entry/c/2", "metrics/values/c/2/0/0", "summary/values/c/2/0",
                 f"images/{group}/final/c/{row}/0/0/0", f"images/{group}/reference/c/{row}/0/0/0",
                 f"images/{group}/degraded/c/{row}/0/0/0"}
     assert new == expected
@@ -348,7 +349,7 @@ def test_read_rows_reads_job_chunks_as_zarr_does(tmp_path):
 
     fab = sf.fabricate_store(tmp_path / "fab.zarr", statuses={1: "failed", 2: "pending"})
     root = st.open_store(fab.path)
-    arrays = [root[st.JOBS][name] for name in st.LEDGER] + [root[st.METRICS][st.VALUES], root[st.SUMMARY][st.VALUES]]
+    arrays = [root[st.JOBS][st.ENTRY], root[st.METRICS][st.VALUES], root[st.SUMMARY][st.VALUES]]
     n = arrays[0].shape[0]
     for arr in arrays:
         assert st._job_chunk_codecs(arr) is not None, arr.path       # the fast path is the one tested

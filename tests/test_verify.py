@@ -70,8 +70,9 @@ def test_verify_repair_and_rerun_redo_exactly_the_damaged_jobs(cohort, tmp_path,
     path, name = _chunk(out, f"images/{rows[ids[3]][1]}/final", image_row)
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])   # a truncated file
     damage[3] = name
-    path, name = _chunk(out, "jobs/status", 5)
-    path.write_bytes(GARBAGE)                               # a damaged ledger entry
+    path, name = _chunk(out, "jobs/entry", 5)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(GARBAGE)                               # a damaged ledger entry (the live tier)
     damage[5] = name
     assert group
 
