@@ -11,14 +11,20 @@ norm), which a fresh process per job (`max_calls=1`) would pay for on every job 
 `import torch`, CUDA start-up: seconds). An actor runs one job at a time (the driver dispatches a
 job only to an idle actor) and each job's log says which process ran it (`pid`).
 
-The driver keeps at most `max_in_flight` actors (default: the cluster's job slots for the first
-job's request; `--workers N` > 1: N); jobs wait in the driver, so a cohort of thousands of jobs never becomes thousands of
-pending Ray tasks. Connecting to a running cluster (`--ray-address`) ships the recon, pipeline
+Actors are shaped per request: jobs asking for different CPUs or GPUs (solver configurations
+with their own resources) each get actors of their own request, as many as the cluster has slots
+for that request (`--workers N` > 1 or `max_in_flight`: at most N actors in all); jobs wait in
+the driver, so a cohort of thousands of jobs never becomes thousands of pending Ray tasks. Connecting to a running cluster (`--ray-address`) ships the recon, pipeline
 and schedulers packages with the job (runtime_env py_modules), so the nodes need the
 dependencies (torch, zarr, ...) but not this code. A cluster may grow while the run goes on:
 the job slots are counted again every few seconds and more actors started; on a running cluster
 a request that does not fit now (e.g. no GPU yet) waits for a node, with a line saying so,
-instead of being refused (only a local cluster, whose size is fixed, refuses it).
+instead of being refused (only a local cluster, whose size is fixed, refuses it). That wait is
+bounded: when no node of the cluster could ever hold a request (its whole resources, not what is
+free) and the cluster has not changed for `fit_timeout_s` (`--ray-fit-timeout`, default 15 min:
+an autoscaler launching a cloud GPU node takes a few minutes, and every node that joins or leaves
+starts the wait again), that request's jobs are recorded failed with what they asked for and
+what the nodes have; the other requests' jobs go on.
 
 Failures: the worker records exceptions inside a job itself (status 'failed', not retried). An
 actor that dies (killed, out of memory, its node lost) is not restarted in place by Ray
@@ -46,6 +52,7 @@ DEFAULT_MAX_RETRIES = 2  # retries after a worker process died; a job that kills
 RECOUNT_S = 5.0          # how often the driver counts the cluster's job slots again (it may scale up)
 WAIT_NOTE_S = (10.0, 60.0)  # first 'waiting for the cluster' line after this long, then every so often
 START_FAILURES = 3       # actors in a row that could not start (e.g. the shipped code fails to import): give up
+FIT_TIMEOUT_S = 900.0    # a request no node can hold fails after the cluster stayed unchanged this long
 
 
 class JobRunner:
@@ -83,7 +90,8 @@ class RayBackend(Backend):
 
     def __init__(self, device: str | None = None, address: str | None = None, cpus_per_job: float | None = None,
                  gpus_per_job: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
-                 max_in_flight: int | None = None, ship_code: bool = True, workers: int = 1, **options: Any):
+                 max_in_flight: int | None = None, ship_code: bool = True, workers: int = 1,
+                 fit_timeout_s: float = FIT_TIMEOUT_S, **options: Any):
         super().__init__(device=device, **options)
         self.address = address
         self.cpus_per_job = cpus_per_job
@@ -92,7 +100,9 @@ class RayBackend(Backend):
         self.max_in_flight = max_in_flight
         self.ship_code = bool(ship_code)
         self.workers = int(workers)  # > 1: at most this many jobs at once (`--workers`)
-        for name, value in (("cpus_per_job", cpus_per_job), ("gpus_per_job", gpus_per_job)):
+        self.fit_timeout_s = float(fit_timeout_s)
+        for name, value in (("cpus_per_job", cpus_per_job), ("gpus_per_job", gpus_per_job),
+                            ("fit_timeout_s", fit_timeout_s)):
             if value is not None and float(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
 
@@ -120,13 +130,17 @@ class RayBackend(Backend):
                 slots = min(slots, total.get(name, 0) // need)
         return int(slots) if slots != math.inf else 1
 
+    def cap(self) -> int | None:
+        """The user's cap on actors in all (`max_in_flight`, `--workers N` > 1), else None."""
+        return int(self.max_in_flight or self.workers) if self.max_in_flight or self.workers > 1 else None
+
     def _limit(self, request: tuple[float, float]) -> int:
-        """Actors to keep: the user's cap, else the cluster's slots (at least 1 on a running cluster,
-        whose request for resources is what makes an autoscaler add a node)."""
+        """Actors to keep for one request: the user's cap, else the cluster's slots for it (at least
+        1 on a running cluster, whose request for resources is what makes an autoscaler add a node)."""
         from pipeline.errors import UsageError
 
-        if self.max_in_flight or self.workers > 1:
-            return int(self.max_in_flight or self.workers)
+        if self.cap():
+            return self.cap()
         slots = self._slots(request)
         if slots < 1 and not self.address:
             import ray
@@ -216,10 +230,12 @@ class _Run:
         self.busy: dict[Any, tuple[Any, tuple, Job]] = {}  # run() ref -> (actor, request, job)
         self.crashes: dict[str, int] = {}                  # job id -> times its actor died under it
         self.start_failures = 0
-        first = next(iter(self.queues))
-        self.limit, self.counted = self.b._limit(first), time.monotonic()
+        self.limits = {request: self.b._limit(request) for request in self.queues}   # actors per request
+        self.counted = time.monotonic()
         self.waiting_since, self.noted = time.monotonic(), 0
-        self.fits_now = self.b._slots(first) >= 1  # no: say at once that the run waits for the cluster
+        # no: say at once that the run waits for the cluster
+        self.fits_now = all(self.b._slots(request) >= 1 for request in self.queues)
+        self.unfit = _Unfit(backend.fit_timeout_s)
 
     # ---- the loop --------------------------------------------------------------------------
     def loop(self) -> None:
@@ -251,6 +267,7 @@ class _Run:
         if not any(self.queues.values()):
             return bool(self.busy)
         self._grow()
+        self._fail_unfit()
         self._note_waiting()
         return True
 
@@ -269,26 +286,52 @@ class _Run:
                 actors.clear()
 
     def _grow(self) -> None:
-        """Start actors up to the limit (counted again every RECOUNT_S: the cluster may have grown)."""
-        if not (self.b.max_in_flight or self.b.workers > 1) and time.monotonic() - self.counted > RECOUNT_S:
-            request = self._request() or next(r for r, q in self.queues.items() if q)
-            self.limit, self.counted = max(self.limit, self.b._limit(request)), time.monotonic()
-        while len(self.starting) + len(self.busy) + sum(map(len, self.idle.values())) < self.limit:
-            request = self._request()
-            if request is None:
-                return
+        """Start actors up to each request's limit (counted again every RECOUNT_S: the cluster may have grown)."""
+        if not self.b.cap() and time.monotonic() - self.counted > RECOUNT_S:
+            for request, queue in self.queues.items():
+                if queue:
+                    self.limits[request] = max(self.limits[request], self.b._limit(request))
+            self.counted = time.monotonic()
+        while (request := self._request()) is not None:
             cpus, gpus = request
             actor = self.runner.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1).remote(
                 self.b.device, gpus)
             self.starting[actor.ready.remote()] = (actor, request)
 
-    def _request(self) -> tuple | None:
-        """The request whose queued jobs most outnumber the actors already there for it."""
-        have: dict[tuple, int] = {r: len(a) for r, a in self.idle.items()}
+    def _actors(self) -> dict[tuple, tuple[int, int]]:
+        """Per request: (actors in all, actors not busy: starting or idle)."""
+        out: dict[tuple, list[int]] = {}
+        for r, actors in self.idle.items():
+            out.setdefault(r, [0, 0])[:] = [len(actors), len(actors)]
         for _, r in self.starting.values():
-            have[r] = have.get(r, 0) + 1
-        wanting = {r: len(q) - have.get(r, 0) for r, q in self.queues.items() if len(q) > have.get(r, 0)}
+            counts = out.setdefault(r, [0, 0])
+            counts[0], counts[1] = counts[0] + 1, counts[1] + 1
+        for _, r, _ in self.busy.values():
+            out.setdefault(r, [0, 0])[0] += 1
+        return {r: (n, free) for r, (n, free) in out.items()}
+
+    def _request(self) -> tuple | None:
+        """The request under its limit whose queued jobs most outnumber its actors not busy (None:
+        every request has its actors, or the user's cap is reached)."""
+        actors = self._actors()
+        if self.b.cap() and sum(n for n, _ in actors.values()) >= self.b.cap():
+            return None
+        wanting = {r: len(q) - actors.get(r, (0, 0))[1] for r, q in self.queues.items()
+                   if len(q) > actors.get(r, (0, 0))[1] and actors.get(r, (0, 0))[0] < self.limits[r]}
         return max(wanting, key=wanting.get) if wanting else None
+
+    def _fail_unfit(self) -> None:
+        """Record failed the queued jobs of a request no node could hold for fit_timeout_s."""
+        placed = {r for r, actors in self.idle.items() if actors} | {r for _, r, _ in self.busy.values()}
+        for request, why in self.unfit.expired(self.queues, placed):
+            queue = self.queues[request]
+            self.progress.note(f"{len(queue)} job(s) failed: {why}")
+            for job in queue:
+                record_lost(job, self.store_path, why)
+                self.progress.job_finished(job, "failed")
+            queue.clear()
+            doomed = [ref for ref, (_, r) in self.starting.items() if r == request]
+            self._kill([self.starting.pop(ref) for ref in doomed])
 
     def _note_waiting(self) -> None:
         """Say so when no actor could be placed for a while (the cluster may be scaling up)."""
@@ -302,12 +345,13 @@ class _Run:
         import ray
 
         self.noted += 1
-        cpus, gpus = self._request() or next(iter(self.queues))
+        cpus, gpus = self._request() or next(r for r, q in self.queues.items() if q)
         total = ray.cluster_resources()
         self.progress.note(f"waiting {waited:.0f} s for the Ray cluster to place a worker: each asks {cpus:g} CPU(s) "
                            f"and {gpus:g} GPU(s), the cluster has {total.get('CPU', 0):g} CPUs and "
                            f"{total.get('GPU', 0):g} GPUs; it may be scaling up, or add a node (`ray start "
-                           f"--address={self.b.address or 'HEAD:6379'} --num-gpus=N`); Ctrl-C stops")
+                           f"--address={self.b.address or 'HEAD:6379'} --num-gpus=N`); a request no node can hold fails "
+                           f"after {self.b.fit_timeout_s:g} s of an unchanged cluster (--ray-fit-timeout); Ctrl-C stops")
 
     # ---- answers ---------------------------------------------------------------------------
     def _answered(self, ref: Any) -> None:
@@ -377,6 +421,55 @@ class _Run:
             ray.kill(actor, no_restart=True)
 
 
+class _Unfit:
+    """Requests no node of the cluster could ever hold (its whole resources), and since when the
+    cluster has been as it is: any node that joins or leaves starts every wait again."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.nodes: tuple = ()
+        self.since = time.monotonic()
+        self.checked = 0.0
+
+    def expired(self, queues: dict[tuple, Any], placed: set[tuple]) -> list[tuple[tuple, str]]:
+        """(request, why) for each queued request no node can hold, without an actor Ray placed,
+        once the cluster has been unchanged for timeout_s."""
+        if time.monotonic() - self.checked < min(RECOUNT_S, self.timeout_s / 2):
+            return []
+        self.checked = time.monotonic()
+        nodes = _node_resources()
+        if nodes != self.nodes:
+            self.nodes, self.since = nodes, time.monotonic()
+        waited = time.monotonic() - self.since
+        if waited < self.timeout_s:
+            return []
+        return [(r, _unfit_reason(r, nodes, waited, self.timeout_s)) for r, q in queues.items()
+                if q and r not in placed and not _fits_a_node(r, nodes)]
+
+
+def _node_resources() -> tuple[tuple[str, float, float], ...]:
+    """(node id, CPUs, GPUs) of every live node: what could ever be granted, busy or not."""
+    import ray
+
+    return tuple(sorted((n["NodeID"], float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+                        for n in ray.nodes() if n.get("Alive")))
+
+
+def _fits_a_node(request: tuple[float, float], nodes) -> bool:
+    cpus, gpus = request
+    return any(c >= cpus and g >= gpus for _, c, g in nodes)
+
+
+def _unfit_reason(request: tuple[float, float], nodes, waited: float, timeout_s: float) -> str:
+    shapes = sorted({(c, g) for _, c, g in nodes})
+    have = ", ".join(f"{sum((c, g) == s for _, c, g in nodes)} with {s[0]:g} CPU(s) and {s[1]:g} GPU(s)"
+                     for s in shapes) or "no live node"
+    return (f"no node of the Ray cluster can run this job: it asks for {request[0]:g} CPU(s) and {request[1]:g} "
+            f"GPU(s); the cluster's {len(nodes)} live node(s): {have}; it did not change for {waited:.0f} s "
+            f"(--ray-fit-timeout {timeout_s:g}). Ask for less (the manifest's resources, --cpus-per-job, "
+            f"--gpus-per-job) or add a node that has it, then rerun with --retry-failed")
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when nothing answers at a HOST:PORT Ray address."""
     import socket
@@ -435,7 +528,7 @@ def _packages() -> list:
 
 
 # dests of the `dipcohort run` flags this backend reads (giving one of them with another backend is an error)
-FLAGS = ("ray_address", "gpus_per_job", "cpus_per_job")
+FLAGS = ("ray_address", "ray_fit_timeout", "gpus_per_job", "cpus_per_job")
 
 
 def add_arguments(group) -> None:
@@ -443,6 +536,10 @@ def add_arguments(group) -> None:
 
     group.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="ray: connect to a running cluster ('auto' or HOST:PORT); default: start a local one")
+    group.add_argument("--ray-fit-timeout", type=float, default=None, metavar="SECONDS",
+                       help=f"ray: fail the jobs of a request no node of the cluster can hold once the cluster "
+                            f"has not changed for this long (default {FIT_TIMEOUT_S:g}: time for an autoscaler "
+                            f"to add a node)")
     add_resource_arguments(group)
 
 
@@ -452,6 +549,8 @@ def options_from_args(args) -> dict[str, Any]:
     opts = resource_options(args, ("gpus_per_job", "cpus_per_job"))
     if args.ray_address:
         opts["address"] = args.ray_address
+    if args.ray_fit_timeout is not None:
+        opts["fit_timeout_s"] = args.ray_fit_timeout
     return opts
 
 

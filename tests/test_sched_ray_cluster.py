@@ -18,9 +18,9 @@ import socket
 import threading
 
 import pytest
-import zarr
 
 import sched_common as sc
+from pipeline import store as st
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dipcohort[ray]')")
 
@@ -52,10 +52,8 @@ def cohort(tmp_path_factory):
 def ledger(store) -> dict[str, dict[str, object]]:
     """{field: {job id: value}} for the placement fields, or {} while the store is being created."""
     try:
-        g = zarr.open_group(str(store), mode="r")["jobs"]
-        ids = [str(j) for j in g["job"][:]]
-        return {name: dict(zip(ids, g[name][:])) for name in ("ray_node_id", "node", "host", "status")}
-    except (KeyError, FileNotFoundError, ValueError):
+        return {name: sc.ledger_field(store, name) for name in ("ray_node_id", "node", "host", "status")}
+    except (KeyError, FileNotFoundError, ValueError, st.StoreError):
         return {}
 
 
@@ -131,3 +129,27 @@ def test_run_waits_for_a_gpu_node_to_join(cluster, cohort, tmp_path):
     assert set(sc.statuses(out).values()) == {"done"}
     assert set(ledger(out)["ray_node_id"].values()) == {gpu_node.node_id}
     sc.assert_same_results(out, reference)
+
+
+def test_each_request_gets_its_own_actors_and_one_no_node_holds_fails(cluster, tmp_path):
+    """Two solver configurations asking for different CPUs: the 1-CPU jobs get 1-CPU actors of
+    their own, although the first job's request (2 CPUs) fits no node of the 1-CPU cluster; after
+    --ray-fit-timeout of an unchanged cluster those jobs fail, saying what they asked for and what
+    the nodes have, and the run exits as for failed jobs."""
+    c, _ = cluster
+    manifest = sc.write_manifest(tmp_path / "mixed.yaml", steps=20, seeds=(0,), cohort="mixed")
+    text = manifest.read_text().replace(
+        "solvers:\n", "solvers:\n  - {name: es-dip, params: {network: tiny}, resources: {cpus: 2}}\n")
+    manifest.write_text(text)
+    out = tmp_path / "mixed.zarr"
+    run = sc.cli(*ray_run(manifest, out, c.address, "--ray-fit-timeout", "5"), check=False)
+    printed = run.stdout + run.stderr
+    assert run.returncode == 1, printed
+    table = st.ledger_table(out)
+    assert sorted(table["status"][table["solver"] == "dip"]) == ["done"] * 2
+    assert set(table["threads"][table["solver"] == "dip"]) == {1}
+    wide = table[table["solver"] == "es-dip"]
+    assert list(wide["status"]) == ["failed"] * 2 and set(wide["attempts"]) == {0}
+    assert all("asks for 2 CPU(s) and 0 GPU(s)" in e and "live node(s)" in e and "1 CPU(s)" in e
+               for e in wide["error"])
+    assert "2 job(s) failed: no node of the Ray cluster can run this job" in printed
