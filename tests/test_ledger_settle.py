@@ -77,6 +77,7 @@ def test_a_damaged_entry_names_its_chunk_and_a_damaged_column_keeps_its_entries(
     fab = sf.fabricate_store(tmp_path / "fab.zarr", settled=False)
     (fab.path / st.JOBS / st.ENTRY / "c" / "4").write_bytes(b"\x00garbage\xff" * 8)
     status = fab.path / st.JOBS / "status" / "c" / "0"
+    status.parent.mkdir(exist_ok=True)
     status.write_bytes(b"\x00garbage\xff" * 8)                 # the column: every job has an entry, so no harm
     ledger, damage = st.read_ledger(st.open_store(fab.path))
     assert list(damage) == [4] and "jobs/entry/c/4 cannot be decoded" in damage[4][0]

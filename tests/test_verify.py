@@ -137,7 +137,8 @@ def test_status_into_a_closed_pipe_ends_quietly(tmp_path):
 def test_status_shows_stale_running_jobs(tmp_path, capsys):
     fab = sf.fabricate_store(tmp_path / "fab.zarr", statuses={0: "running", 1: "running"})
     root = st.open_store(fab.path, mode="r+")
-    root["jobs/heartbeat"][0] = root["jobs/heartbeat"][0] - 3600      # its worker went quiet an hour ago
+    entry = st.current_entry(root, 0)                                  # a running job's ledger: its entry
+    st.write_entry(root, 0, {**entry, "heartbeat": entry["heartbeat"] - 3600})   # its worker went quiet an hour ago
     assert main(["status", str(fab.path)]) == 0
     out = capsys.readouterr().out
     assert "running 2 (stale 1)" in out and "no heartbeat for over 10 min" in out
