@@ -840,10 +840,13 @@ def _entry_rows(arr: zarr.Array, rows: Sequence[int]) -> list[int]:
 
 
 def _entry_fields(value: dict) -> dict:
-    """An entry's fields with their column types (KeyError / TypeError when it is not an entry)."""
+    """An entry's fields with their column types (KeyError / TypeError when it is not an entry);
+    a field added to the ledger after the entry was written takes its column's fill value."""
     if not isinstance(value, dict):
         raise TypeError(f"expected an object, found {type(value).__name__}")
-    return {name: (str(value[name]) if kind is str else np.dtype(kind).type(value[name]))
+    missing = {"status": value["status"], "attempts": value["attempts"], "runtime_s": math.nan,
+               "heartbeat": math.nan, "threads": 0}
+    return {name: (str(value.get(name, "")) if kind is str else np.dtype(kind).type(value.get(name, missing.get(name))))
             for name, kind in LEDGER.items()}
 
 

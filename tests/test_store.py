@@ -320,6 +320,8 @@ def test_a_store_older_than_a_ledger_field_gains_it_and_still_reads(tmp_path):
     path, jobs, _ = build(tmp_path, n=4)
     writer = st.JobWriter(path, jobs[0])
     writer.start("cpu", threads=1)
+    writer.finish("done", 1.0)
+    st.settle(path)                         # as a run leaves it: the ledger in its columns
     shutil.rmtree(path / st.JOBS / "node")  # as a store made before the field existed
     meta = json.loads((path / "zarr.json").read_text())
     meta["consolidated_metadata"]["metadata"].pop(f"{st.JOBS}/node")
