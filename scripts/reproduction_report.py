@@ -281,7 +281,7 @@ cores; this run's wall time was {wall}, on a machine shared with other work.
 Settings (manifests/studies/reproduce.yaml says why): 64 px, 4000 steps, every network method on one
 CPU stand-in network (`unet-small`) at its paper learning rate (Adam 1e-4), aSeqDIP at lambda 1, N 2;
 3 real images per task that installed packages ship; the papers' noise-free CT / MRI; seed 0, plus
-seed 1 on the first image of denoising and of CT. Final PSNR is the returned image's (ES-DIP: its
+seed 1 on camera denoising. Final PSNR is the returned image's (ES-DIP: its
 selected iterate; the others: the last); the oracle peak is the best PSNR over the run (what the
 authors' public code reports), with its median step. CPU s / recon: the method's CPU time per step
 on the task's first scan, timed by this script (1 thread), times the steps its jobs ran. CT is
