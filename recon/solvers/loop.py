@@ -1,7 +1,7 @@
 """The one optimisation loop every solver runs in.
 
 It owns stepping, per-step metrics (loss terms, PSNR every step, SSIM every k steps, moving
-variance), the oracle peak, ES-WMV early stopping, output EMA, divergence detection and
+variance), the oracle peak, ES-WMV / ES-EMV early stopping, output EMA, divergence detection and
 checkpoints that make a run resumable with identical numbers.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from recon.early_stopping import EarlyStopper, MovingVariance
+from recon.early_stopping import EarlyStopper, make_variance
 from recon.solvers.base import Solver
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -25,7 +25,7 @@ ProgressFn = Callable[[int, int, dict], None]
 # from these and the solvers' loss terms). Per step: the loss, the task's scores of the iterate
 # (`Problem.score`: psnr/ssim as the papers define them, *_full over the whole frame where the
 # task scores inside a mask, e.g. the CT disc), the scores of the output EMA (ema_*, when
-# ema_decay > 0) and the moving variance of ES-WMV. NaN where a value does not apply.
+# ema_decay > 0) and the moving variance (ES-WMV, or ES-EMV with es_variance: emv). NaN where a value does not apply.
 LOOP_METRICS = ("loss", "psnr", "ssim", "psnr_full", "ssim_full", "ema_psnr", "ema_ssim", "movvar")
 # One value per run (SolverResult.summary()); final_* score the image the method returns.
 SUMMARY_FIELDS = ("peak_psnr", "peak_step", "final_psnr", "final_ssim", "final_psnr_full", "final_ssim_full",
@@ -133,7 +133,8 @@ class Loop:
         self.reference = self.problem.ground_truth  # None for measured data without a reference
         self.history = _History(settings.steps)
         solver.total_steps = settings.steps  # the budget, for solvers with schedules over it (HQS)
-        self.variance = MovingVariance(p.variance_window) if solver.uses_network else None
+        self.variance = (make_variance(p.es_variance, p.variance_window, p.emv_alpha)
+                         if solver.uses_network else None)
         self.stopper = EarlyStopper(p.patience, p.es_delta)
         self.ema: torch.Tensor | None = None
         self.peak_psnr, self.peak_step, self.peak_image = -math.inf, -1, None
