@@ -93,18 +93,15 @@ class NetPack:
         # stacked tensor (so its gradient lands there); sync puts its own Parameter back
         self.inputs = {(gi, i): slot for (gi, i), slot in self._slots.items()
                        if slot[1][0] is self.solvers[0].z}
-        # one fused Adam kernel per stacked tensor: elementwise like B per-job Adams, so each job's
-        # update is its own; ~13% of a 32 px dip pack's time (skip-small, B = 8) against the plain loop
-        kernel_choice = ("params", "fused", "foreach")
-        groups = [{**{k: v for k, v in g.items() if k not in kernel_choice}, "params": [self._slots[(gi, i)][0]
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [self._slots[(gi, i)][0]
                    for i in range(len(g["params"]))]} for gi, g in enumerate(first.optimizer.param_groups)]
-        self.optimizer = type(first.optimizer)(groups, fused=True)
+        self.optimizer = type(first.optimizer)(groups)
         for stacked, per_job in self._slots.values():
             states = [s.optimizer.state.get(p) for s, p in zip(self.solvers, per_job)]
             if states[0]:  # resumed: stack the per-job moments (every job is at the same step)
                 self.optimizer.state[stacked] = {
-                    key: value.to(stacked.device, copy=True) if key == "step"
-                    else torch.stack([st[key] for st in states]) for key, value in states[0].items()}
+                    key: value.clone() if key == "step" else torch.stack([st[key] for st in states])
+                    for key, value in states[0].items()}
 
     def _optimizer_slots(self) -> dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]]:
         """(group, index) -> (stacked tensor, the per-job tensors it stacks) for every optimised
@@ -159,9 +156,7 @@ class NetPack:
             state = self.optimizer.state.get(stacked)
             if state:
                 solver.optimizer.state[per_job[j]] = {
-                    # fused Adam keeps its step on the device, the solver's plain Adam on the CPU
-                    key: value.to("cpu", copy=True) if key == "step" else value[j].clone()
-                    for key, value in state.items()}
+                    key: value.clone() if key == "step" else value[j].clone() for key, value in state.items()}
 
 
 def pack_step(pack: NetPack, active: Sequence[bool], k: int, last: list) -> list[StepOutput | None]:
