@@ -113,10 +113,14 @@ class EarlyStopper:
 
     def update(self, step: int, value: float) -> bool:
         """Record g(step); True when it is a new best."""
-        if value < self.delta * self.best:
+        if self.improves(value, self.best):
             self.best, self.best_step = value, step
             return True
         return False
+
+    def improves(self, value, best):
+        """g < delta * g_min (floats, or tensors: the loop decides on the device)."""
+        return value < self.delta * best
 
     def should_stop(self, step: int) -> bool:
         """After update(step): True when Alg. 2's loop (while k <= k_min + p) would not run step + 1."""
