@@ -213,7 +213,7 @@ class Loop:
         self.peak = Selection(self.peak_psnr, self.peak_step, self.peak_image, dev)
         best = self.stopper.best_step
         self.selected = Selection(self.stopper.best, -1 if best is None else best, self.es_image, dev)
-        self.stop_horizon = (self.start if best is None else best) + self.solver.params.patience
+        self._set_stop_horizon(self.start)
 
     def observe(self, k: int, out) -> dict[str, torch.Tensor]:
         """After `solver.step(k)` gave `out`: the step's loss terms and metrics as 0-d tensors."""
@@ -233,6 +233,12 @@ class Loop:
             self.selected.offer(ok & self.stopper.improves(var, self.selected.value), var, k, out.image)
         self.alive = ok
         self.records.write(k, tensors)
+
+    def _set_stop_horizon(self, next_step: int) -> None:
+        """The first step at which an early stop could fire: patience steps after the best step
+        the host knows (or after `next_step` while there is none)."""
+        best = self.stopper.best_step
+        self.stop_horizon = (next_step if best is None else best) + self.solver.params.patience
 
     def flush_due(self, k: int) -> bool:
         """Whether the host needs step k's values now: a full block, the last step, a checkpoint,
@@ -265,8 +271,7 @@ class Loop:
             if self.s.progress and (k % self.s.progress_every == 0 or k == self.s.steps - 1):
                 self.s.progress(k + 1, self.s.steps, row)
         if rows:
-            best = self.stopper.best_step
-            self.stop_horizon = (rows[-1][0] + 1 if best is None else best) + self.solver.params.patience
+            self._set_stop_horizon(rows[-1][0] + 1)
         return None
 
     def checkpoint_due(self, k: int) -> bool:
