@@ -107,8 +107,11 @@ def backend_for(name: str, workers: int):
             cluster.shutdown()
         return backend, close
     per_task = "auto" if name == "slurm-auto" else 1
+    # scripts/slurm-local.sh's nodes each declare all of this host's CPUs, so Slurm would stack two
+    # 1-CPU tasks on the first node; --exclusive gives a task a whole node: 2 workers = 2 nodes
+    sbatch = {"exclusive": True} if slurm_node_count() >= 2 else {}
     return get_backend("slurm", device="cpu", cpus_per_job=1, array_parallelism=workers, poll_s=0.5,
-                       jobs_per_task=per_task), lambda: None
+                       jobs_per_task=per_task, sbatch=sbatch), lambda: None
 
 
 def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) -> dict:
@@ -143,6 +146,11 @@ def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) ->
             "worker": float(np.mean(ledger - solver)),
             "orch": float((workers * wall - solver.sum()) / len(jobs)),
             "nodes": ",".join(nodes), "files": files / len(jobs)}
+
+
+def slurm_node_count() -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+    return len(set(out.stdout.split())) if out.returncode == 0 else 0
 
 
 def slurm_ready() -> bool:

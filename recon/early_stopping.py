@@ -1,4 +1,5 @@
-"""Early stopping by windowed moving variance (ES-WMV, Wang et al. 2021; Alg. 2 of the CT chapter)."""
+"""Early stopping by the moving variance of the iterates (Wang et al. 2021/2023; Alg. 2 of the CT chapter):
+windowed (ES-WMV, eq. 19 of the chapter) or exponential (ES-EMV, Wang et al.'s memory-light variant)."""
 from __future__ import annotations
 
 import math
@@ -50,6 +51,57 @@ class MovingVariance:
         self.sum_x, self.sum_sq = state["sum_x"], state["sum_sq"]
 
 
+class ExponentialMovingVariance:
+    """ES-EMV of Wang et al. (github.com/sun-umn/Early_Stopping_for_DIP, ES_EMV.ipynb, class EWMVar):
+    with delta_k = x_k - m_{k-1},  m_k = m_{k-1} + alpha delta_k,  v_k = (1 - alpha)(v_{k-1} + alpha ||delta_k||^2),
+    m_0 = x_0, v_0 = 0: an exponentially weighted variance with memory ~1/alpha steps, O(1) memory.
+
+    v_k starts at 0 and is biased low until about 1/alpha iterates have entered it, so, as Wang et al.'s code
+    only tracks it after its first 100 of 5,000 steps, `update` returns it once 1/alpha steps have passed.
+    (Their code also clips m_k to [0, 1]; not here: an average of iterates in [0, 1] stays there, and
+    other modalities' display ranges differ.)
+    """
+
+    def __init__(self, alpha: float):
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"EMV alpha must be in (0, 1), got {alpha}")
+        self.alpha = alpha
+        self.warmup = math.ceil(1.0 / alpha)
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.var = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Add an iterate; returns v_k once `warmup` iterates followed x_0, else None."""
+        x = x.detach().to(torch.float64)
+        if self.mean is None:
+            self.mean, self.var = x.clone(), torch.zeros((), dtype=torch.float64, device=x.device)
+        else:
+            delta = x - self.mean
+            self.mean = self.mean + self.alpha * delta  # not in place: a state_dict may share it
+            self.var = (1.0 - self.alpha) * (self.var + self.alpha * torch.sum(delta * delta))
+        self.count += 1
+        return self.var.clone() if self.count > self.warmup else None
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], int(state["count"])
+
+
+VARIANCES = ("wmv", "emv")
+
+
+def make_variance(kind: str, window: int, alpha: float) -> MovingVariance | ExponentialMovingVariance:
+    """The detector's statistic g(k) of Alg. 2: 'wmv' (window W) or 'emv' (weight alpha)."""
+    if kind == "wmv":
+        return MovingVariance(window)
+    if kind == "emv":
+        return ExponentialMovingVariance(alpha)
+    raise ValueError(f"es_variance must be one of {', '.join(VARIANCES)}, got {kind!r}")
+
+
 class EarlyStopper:
     """Alg. 2: track the best metric g(k) (new best when g < delta * g_min); stop after `patience`."""
 
@@ -61,10 +113,14 @@ class EarlyStopper:
 
     def update(self, step: int, value: float) -> bool:
         """Record g(step); True when it is a new best."""
-        if value < self.delta * self.best:
+        if self.improves(value, self.best):
             self.best, self.best_step = value, step
             return True
         return False
+
+    def improves(self, value, best):
+        """g < delta * g_min (floats, or tensors: the loop decides on the device)."""
+        return value < self.delta * best
 
     def should_stop(self, step: int) -> bool:
         """After update(step): True when Alg. 2's loop (while k <= k_min + p) would not run step + 1."""

@@ -281,9 +281,16 @@ class _Run:
                 self.busy[ref] = (actor, request, job)
                 if job.job_id not in self.crashes:  # a retry was started already, as progress sees it
                     self.progress.job_started(job)
-            if not queue:  # nothing left of this request: free its resources for the others
+            if not queue and self._retire(request):
                 self._kill([(a, request) for a in actors])
                 actors.clear()
+
+    def _retire(self, request: tuple) -> bool:
+        """Whether the idle actors of a request with no queued jobs should go: yes when other
+        requests' jobs wait for resources, or when none of its jobs still runs. While one runs, they
+        stay: should its actor die (its node lost), the retry starts at once in a warm process."""
+        others_wait = any(q for r, q in self.queues.items() if r != request)
+        return others_wait or not any(r == request for _, r, _ in self.busy.values())
 
     def _grow(self) -> None:
         """Start actors up to each request's limit (counted again every RECOUNT_S: the cluster may have grown)."""

@@ -1,4 +1,5 @@
-"""Metrics against scikit-image, moving variance against eq. 19, early stopping against Alg. 2."""
+"""Metrics against scikit-image, moving variance against eq. 19 (WMV) and Wang et al.'s code (EMV),
+early stopping against Alg. 2."""
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ from skimage import data
 from skimage.color import rgb2gray
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from recon.early_stopping import EarlyStopper, MovingVariance
+from recon.early_stopping import EarlyStopper, ExponentialMovingVariance, MovingVariance, make_variance
 from recon.metrics import psnr, ssim
 
 torch.set_num_threads(1)
@@ -112,21 +113,62 @@ def test_moving_variance_small_spread_over_many_steps():
     assert out.item() == pytest.approx(_var_eq19(xs, len(xs) - 10, 10), rel=1e-4)
 
 
-def test_moving_variance_state_roundtrip():
+@pytest.mark.parametrize("make", [lambda: MovingVariance(4), lambda: ExponentialMovingVariance(0.2)],
+                         ids=["wmv", "emv"])
+def test_moving_variance_state_roundtrip(make):
     rng = np.random.default_rng(4)
-    xs = [torch.from_numpy(rng.standard_normal((1, 1, 4, 4))) for _ in range(12)]
-    a = MovingVariance(4)
-    for x in xs[:7]:
+    xs = [torch.from_numpy(rng.uniform(0, 1, (1, 1, 4, 4))) for _ in range(20)]
+    a = make()
+    for x in xs[:8]:
         a.update(x)
-    b = MovingVariance(4)
+    b = make()
     b.load_state_dict(a.state_dict())
-    for x in xs[7:]:
+    for x in xs[8:]:
         assert a.update(x).item() == b.update(x).item()
 
 
 def test_moving_variance_rejects_small_window():
     with pytest.raises(ValueError, match="window"):
         MovingVariance(1)
+
+
+def _emv_wang(xs: list[np.ndarray], alpha: float) -> list[float]:
+    """Wang et al.'s EWMVar.update_av (ES_EMV.ipynb), transcribed, without the clip (inputs in [0, 1])."""
+    ema, emv, out = xs[0], 0.0, [0.0]
+    for x in xs[1:]:
+        delta = x - ema
+        ema = ema + alpha * delta
+        emv = (1 - alpha) * (emv + alpha * float(np.sum(delta ** 2)))
+        out.append(emv)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.5])
+def test_exponential_moving_variance_equals_wang_et_al(alpha):
+    rng = np.random.default_rng(7)
+    xs = [rng.uniform(0, 1, (1, 1, 8, 8)) * (1 - 0.005 * k) for k in range(80)]
+    ev = ExponentialMovingVariance(alpha)
+    expect = _emv_wang(xs, alpha)
+    warmup = math.ceil(1 / alpha)
+    for k, x in enumerate(xs):
+        out = ev.update(torch.from_numpy(x))
+        if k < warmup:
+            assert out is None  # biased low (v_0 = 0) until ~1/alpha iterates have entered it
+        else:
+            assert out.item() == pytest.approx(expect[k], rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1])
+def test_exponential_moving_variance_rejects_alpha_outside_0_1(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        ExponentialMovingVariance(alpha)
+
+
+def test_make_variance_names_the_field_of_an_unknown_kind():
+    assert isinstance(make_variance("emv", 10, 0.1), ExponentialMovingVariance)
+    assert make_variance("wmv", 10, 0.1).window == 10
+    with pytest.raises(ValueError, match="es_variance .*wmv, emv.*'ewm'"):
+        make_variance("ewm", 10, 0.1)
 
 
 # ---------------------------------------------------------------- early stopping (Alg. 2)

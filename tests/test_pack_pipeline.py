@@ -106,8 +106,8 @@ def test_pack_4_pool_matches_sequential(cohort, tmp_path):
 
 def test_pool_retries_a_pack_whose_worker_died(tmp_path):
     """Two workers, a pack of 2 each (long enough that both compute when one is killed): the pool
-    follows a pack by its members' ledger entries, sees it unfinished, and runs the whole pack
-    again in a new process, with the numbers of an undisturbed run."""
+    follows a pack by its members' ledger entries, sees it unfinished, and runs its unfinished
+    members again in a new process, with the numbers of an undisturbed run."""
     import threading
 
     from schedulers.local import LocalBackend
@@ -131,7 +131,10 @@ def test_pool_retries_a_pack_whose_worker_died(tmp_path):
     assert result["counts"] == {"done": 4}
     tries = sc.attempts(out)
     again = {j for j, n in tries.items() if n == 2}
-    assert again in (set(ids["cam"]), set(ids["moon"])), tries  # exactly one pack, all of it
+    # one pack ran again: all of it, or only the member it had not written yet when the kill came
+    # while it wrote its results (a written job is never rerun)
+    assert again and any(again <= set(ids[s]) for s in ids), tries
+    assert all(n == 1 for j, n in tries.items() if j not in again), tries
     assert set(sc.threads(out).values()) == {1}
     sc.assert_same_results(out, reference)
 

@@ -190,11 +190,12 @@ def test_a_pack_refuses_mixed_shapes(images):
 def test_ct_operators_are_built_once_per_geometry(images):
     from recon.operators import ct as ct_ops
 
+    ct_ops._shared_ray_transform.cache_clear()  # counts from zero in this process
     a = simulate("ct", images[0], {"views": 8}, seed=0)
     b = simulate("ct", images[1], {"views": 8}, seed=1)
+    assert a.operator.base is b.operator.base and ct_ops.operator_builds() == 1  # one matrix for the geometry
     c = simulate("ct", images[0], {"views": 9}, seed=0)
-    assert a.operator.base is b.operator.base          # one matrix for the geometry
-    assert c.operator.base is not a.operator.base      # another geometry, another matrix
+    assert c.operator.base is not a.operator.base and ct_ops.operator_builds() == 2  # another geometry
     fresh = ct_ops.RayTransform(32, views=8)
     assert torch.equal(fresh.a_val, a.operator.base.a_val) and torch.equal(fresh.a_col, a.operator.base.a_col)
     calls = []
@@ -204,7 +205,7 @@ def test_ct_operators_are_built_once_per_geometry(images):
         simulate("ct", images[1], {"views": 8}, seed=2)
     finally:
         ct_ops._view_block = original
-    assert calls == []  # nothing rebuilt
+    assert calls == [] and ct_ops.operator_builds() == 2  # nothing rebuilt
 
 
 def test_pack_footprint_grows_with_the_image_and_the_network(images):

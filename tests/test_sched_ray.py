@@ -116,9 +116,9 @@ def test_warm_worker_keeps_its_process_and_operator_cache(cluster, tmp_path):
         def probe(runner):
             import os
 
-            from recon.operators.ct import system_matrix
+            from recon.operators.ct import operator_builds
 
-            return os.getpid(), system_matrix.cache_info().misses
+            return os.getpid(), operator_builds()
         # built once for the three jobs (recon.operators.ct caches the operator of a geometry)
         assert ray.get(actor.__ray_call__.remote(probe)) == (pid, 1)
     finally:

@@ -343,9 +343,11 @@ def test_warm_start_with_a_wrong_file_is_a_clear_error(denoise, tmp_path):
 
 
 # ------------------------------------------------------------------ early stopping, jitter, EMA
-def test_es_dip_stops_and_returns_the_selected_iterate(denoise):
-    window, patience, budget = 5, 15, 400
-    params = {"variance_window": window, "patience": patience}
+@pytest.mark.parametrize("variance", [{"variance_window": 5}, {"es_variance": "emv", "emv_alpha": 0.2}],
+                         ids=["wmv", "emv"])
+def test_es_dip_stops_and_returns_the_selected_iterate(denoise, variance):
+    patience, budget = 15, 400
+    params = {**variance, "patience": patience}
     res = run("es-dip", denoise, steps=budget, params=params, ssim_every=0)
     assert res.stopped_early and res.steps_run < budget
     assert patience <= res.steps_run - 1 - res.es_step <= patience + 1

@@ -89,19 +89,13 @@ def test_es_dip_window_fills_before_the_peak_at_demo_scale(demo_es_results, scan
 
 
 # The issue's target: ES-DIP's early-stopped PSNR within 1 dB of the oracle peak on the demo's
-# denoising scans. Measured with the demo's jobs (lr 1e-4, W 20, p 100): astronaut peak 22.13 dB
-# (step 150), ES 21.89 (step 249): holds. camera peak 25.01 (step 58), ES 21.35 (step 299): the
-# moving variance still decreases at the last step (Wang et al.'s Theorem 2.1 for small steps,
-# tutorial Sec. III-B), so ES keeps the last iterate. No setting of the tuning sweep (lr 1e-4 /
-# 1e-3 / 1e-2, input jitter 0 / 1/30, W 10 / 20, p 50 / 100, docs/tuning.md sweep 3) meets the
-# target on all four tuning images, so the demo keeps its setting and camera stays a strict xfail
-# (it flags when it starts to pass).
-@pytest.mark.parametrize("scan_id", [
-    "astronaut-denoise",
-    pytest.param("camera-denoise", marks=pytest.mark.xfail(
-        strict=True, reason="ES-WMV keeps the last iterate on camera: 21.35 dB at step 299 vs a 25.01 dB "
-                            "peak at step 58 (measured); no tuned setting fixes it (docs/tuning.md)")),
-])
+# denoising scans, with settings chosen on tuning images only (docs/tuning.md, sweep 4): lr 1e-4 as
+# every demo method, Wang et al.'s input jitter converted to this input (0.1155), ES-WMV W 5, p 100,
+# delta 0.95 (tuned). Measured with the demo's jobs: camera peak 25.63 dB (step 257) / ES 25.05
+# (step 272); astronaut 21.68 (286) / 21.67 (297). At lr 1e-4 the moving variance still falls over
+# the whole run (sweep 4): ES holds because the jitter keeps the PSNR near its late peak, not
+# because the variance has its minimum there; on the tuning runs it missed 1 dB on 2 of 14.
+@pytest.mark.parametrize("scan_id", ["astronaut-denoise", "camera-denoise"])
 def test_es_dip_stops_within_1db_of_the_peak_at_demo_scale(demo_es_results, scan_id):
     _, res = demo_es_results[scan_id]
     assert res.es_psnr >= res.peak_psnr - 1.0, (res.es_psnr, res.peak_psnr, res.es_step, res.peak_step)

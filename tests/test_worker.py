@@ -215,20 +215,21 @@ def test_stop_request_interrupts_at_a_step_and_the_rerun_continues_exactly(tmp_p
     fresh, (a,) = cohort(tmp_path / "fresh", solvers, scans=scans)
     out, (b,) = cohort(tmp_path, solvers, scans=scans)
     assert run_job(a, fresh, device="cpu") == "done"   # the same job uninterrupted, in a store of its own
-    original = loop.Loop._track
+    original = loop.Loop.push
     calls = []
 
-    def stop_after_7(self, k, image, values):   # the driver asks to stop during step 7
+    def stop_after_7(self, k, out):   # the driver asks to stop during step 7
         calls.append(k)
         if k == 7:
-            request_stop(out, "test")
-        return original(self, k, image, values)
+            request_stop(out_store, "test")
+        return original(self, k, out)
 
-    loop.Loop._track = stop_after_7
+    out_store = out
+    loop.Loop.push = stop_after_7
     try:
         assert run_job(b, out, device="cpu") == "interrupted"
     finally:
-        loop.Loop._track = original
+        loop.Loop.push = original
     root = zarr.open_group(str(out), mode="r")
     assert ledger(out)["status"][b.index] == STATUS_CODES["interrupted"]
     assert "stopped by the driver" in str(ledger(out)["error"][b.index])

@@ -8,18 +8,17 @@ for D samples t = -D//2 .. D - 1 - D//2, with the image zero outside its support
 uses D = N detectors (the inscribed disc is the field of view), circle=False D = ceil(sqrt(2) N).
 Unit pixel size, so sinogram values equal skimage's. Sinograms are (B, 1, views, detectors).
 
-The matrix A (views*D x N*N) and its transpose are built once per geometry and process (CSR,
-kept for the last few geometries, so a warm worker running job after job of one geometry builds
-it once; registered as buffers, so `.to(device)` moves them); forward multiplies by A, adjoint
-by A^T, and the autograd backward of each uses the other, so the adjoint is exact by
-construction on CPU and CUDA.
+The matrix A (views*D x N*N) and its transpose are stored as CSR buffers (so `.to(device)` moves
+them); `ray_transform` keeps the operators of the last few geometries, so a warm worker running
+job after job of one geometry builds the matrix once (`operator_builds()` counts the builds).
+Forward multiplies by A, adjoint by A^T, and the autograd backward of each uses the other, so the
+adjoint is exact by construction on CPU and CUDA.
 """
 from __future__ import annotations
 
 import functools
 import math
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,8 +26,8 @@ import torch
 
 from recon.operators.base import LinearOperator
 
-__all__ = ["RayTransform", "ray_transform", "equispaced_angles", "fbp_filter", "FILTERS", "post_log_measurements",
-           "LODOPAB_ATTENUATION", "LODOPAB_MIN_PHOTONS", "LODOPAB_PHOTONS"]
+__all__ = ["RayTransform", "ray_transform", "operator_builds", "equispaced_angles", "fbp_filter", "FILTERS",
+           "post_log_measurements", "LODOPAB_ATTENUATION", "LODOPAB_MIN_PHOTONS", "LODOPAB_PHOTONS"]
 
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 
@@ -43,9 +42,8 @@ LODOPAB_MIN_PHOTONS = 0.1
 
 
 _NORMS: dict[tuple, float] = {}  # RayTransform.norm by geometry
-# Built operators by geometry (warm workers): the matrix at 512 px / 30 views takes ~6 s and
-# ~228 MiB, so a process keeps the last few it built instead of rebuilding one per job.
-_OPERATORS: "OrderedDict[tuple, RayTransform]" = OrderedDict()
+# Operators kept by geometry (warm workers; see ray_transform): a cohort has few geometries, and
+# one at 512 px / 30 views takes ~6 s and ~228 MiB to build.
 OPERATOR_CACHE_SIZE = 4
 
 
@@ -96,10 +94,8 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape) -> tor
         return torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
 
 
-@functools.lru_cache(maxsize=4)  # a cohort has few geometries; one at 512 px / 30 views is ~230 MiB
 def system_matrix(n: int, d: int, angles: tuple[float, ...]) -> dict[str, torch.Tensor]:
-    """The CSR parts of A and A^T for a geometry ({a,at}_{crow,col,val}); shared, never written to.
-    `system_matrix.cache_info().misses` counts the builds in this process."""
+    """The CSR parts of A and A^T for a geometry ({a,at}_{crow,col,val})."""
     a = sp.vstack([_view_block(n, d, th) for th in angles], format="csr")
     return {f"{name}_{part}": value for name, m in (("a", a), ("at", a.T.tocsr()))
             for part, value in zip(("crow", "col", "val"), _csr_parts(m))}
@@ -234,16 +230,17 @@ def ray_transform(size: int, views: int | None = None, angles=None, circle: bool
     operator. It is returned on the CPU (a job moves it to its device in place, as Problem.to
     does with every operator), so a worker runs one job or pack at a time on it."""
     angle_key = None if angles is None else tuple(float(a) for a in np.asarray(angles, dtype=np.float64).reshape(-1))
-    key = (size, views, angle_key, bool(circle), detectors, filter_name)
-    op = _OPERATORS.get(key)
-    if op is None:
-        op = RayTransform(size, views=views, angles=angles, circle=circle, detectors=detectors,
-                          filter_name=filter_name)
-        _OPERATORS[key] = op
-        while len(_OPERATORS) > OPERATOR_CACHE_SIZE:
-            _OPERATORS.popitem(last=False)
-    _OPERATORS.move_to_end(key)
-    return op.to("cpu")
+    return _shared_ray_transform(size, views, angle_key, bool(circle), detectors, filter_name).to("cpu")
+
+
+@functools.lru_cache(maxsize=OPERATOR_CACHE_SIZE)
+def _shared_ray_transform(size, views, angles, circle, detectors, filter_name) -> RayTransform:
+    return RayTransform(size, views=views, angles=angles, circle=circle, detectors=detectors, filter_name=filter_name)
+
+
+def operator_builds() -> int:
+    """How many operators (system matrices) `ray_transform` has built in this process."""
+    return _shared_ray_transform.cache_info().misses
 
 
 def post_log_measurements(sinogram: torch.Tensor, size: int, photons: float | None = None,

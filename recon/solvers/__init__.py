@@ -10,6 +10,7 @@ import torch
 from recon.problem import Problem
 from recon.solvers.base import Solver, make_params
 from recon.solvers.loop import LoopSettings, Loop, ProgressFn, SolverResult
+from recon.solvers.step_records import METRICS_BLOCK
 
 SOLVERS: dict[str, type[Solver]] = {}
 
@@ -60,11 +61,12 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
                seed: int = 0, device: str | torch.device | None = None, ssim_every: int = 10,
                checkpoint_path: str | Path | None = None, checkpoint_every: int = 0,
                progress: ProgressFn | None = None, save_weights: str | Path | None = None,
-               should_stop=None) -> SolverResult:
+               should_stop=None, metrics_block: int = METRICS_BLOCK) -> SolverResult:
     """Run solver `name` on `problem` for `steps` optimiser updates and return its result.
 
     should_stop: polled before each step; when it returns True the loop raises
-    `recon.solvers.loop.StopRequested` (after a checkpoint where `checkpoint_path` is given)."""
+    `recon.solvers.loop.StopRequested` (after a checkpoint where `checkpoint_path` is given).
+    metrics_block: steps between host copies of the per-step values (the numbers do not depend on it)."""
     cls = get_solver(name)
     p = make_params(cls.Params, params, where=f"solver {name!r} params")
     dev = prepare_device(torch.device(device) if device is not None else default_device())
@@ -74,7 +76,8 @@ def run_solver(name: str, problem: Problem, *, steps: int | None = None, params:
         raise ValueError(f"steps must be >= 1, got {steps}")
     settings = LoopSettings(steps=steps, ssim_every=ssim_every, progress=progress,
                             checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
-                            checkpoint_every=checkpoint_every, should_stop=should_stop)
+                            checkpoint_every=checkpoint_every, should_stop=should_stop,
+                            metrics_block=metrics_block)
     result = Loop(solver, settings).run()
     if save_weights and getattr(solver, "net", None) is not None:
         torch.save(solver.net.state_dict(), save_weights)

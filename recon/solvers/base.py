@@ -33,12 +33,15 @@ class SolverParams:
     """Options the shared loop reads from every solver's params.
 
     Defaults: window 100 and patience 1000 are ES-WMV's (Wang et al. 2021, Alg. 2 of the CT
-    chapter); ES is off except in `es-dip`; EMA off unless a method uses it.
+    chapter); es_variance 'emv' uses Wang et al.'s ES-EMV instead, with their alpha 0.1
+    (ES_EMV.ipynb); ES is off except in `es-dip`; EMA off unless a method uses it.
     """
 
     ema_decay: float = 0.0
     early_stop: bool = False
+    es_variance: str = "wmv"
     variance_window: int = 100
+    emv_alpha: float = 0.1
     patience: int = 1000
     es_delta: float = 1.0
 

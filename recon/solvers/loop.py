@@ -1,8 +1,15 @@
 """The one optimisation loop every solver runs in.
 
 It owns stepping, per-step metrics (loss terms, PSNR every step, SSIM every k steps, moving
-variance), the oracle peak, ES-WMV early stopping, output EMA, divergence detection and
+variance), the oracle peak, ES-WMV / ES-EMV early stopping, output EMA, divergence detection and
 checkpoints that make a run resumable with identical numbers.
+
+Per-step values stay on the device and reach the host in blocks (`recon.solvers.step_records`):
+the iterates that must be picked at their step (peak, ES-WMV's selection, the image at a
+divergence) are picked on the device, and the host decides at block boundaries. Divergence ends
+the run at the step it happened (later steps of the block are dropped, the EMA and last image are
+frozen at it); an early stop can only fire `patience` steps after the best step the host knows,
+so the loop copies at that step and stops exactly where a per-step copy would.
 """
 from __future__ import annotations
 
@@ -16,8 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from recon.early_stopping import EarlyStopper, MovingVariance
+from recon.early_stopping import EarlyStopper, make_variance
 from recon.solvers.base import Solver
+from recon.solvers.step_records import METRICS_BLOCK, Selection, StepBuffer, host_floats
 
 ProgressFn = Callable[[int, int, dict], None]
 
@@ -25,7 +33,7 @@ ProgressFn = Callable[[int, int, dict], None]
 # from these and the solvers' loss terms). Per step: the loss, the task's scores of the iterate
 # (`Problem.score`: psnr/ssim as the papers define them, *_full over the whole frame where the
 # task scores inside a mask, e.g. the CT disc), the scores of the output EMA (ema_*, when
-# ema_decay > 0) and the moving variance of ES-WMV. NaN where a value does not apply.
+# ema_decay > 0) and the moving variance (ES-WMV, or ES-EMV with es_variance: emv). NaN where a value does not apply.
 LOOP_METRICS = ("loss", "psnr", "ssim", "psnr_full", "ssim_full", "ema_psnr", "ema_ssim", "movvar")
 # One value per run (SolverResult.summary()); final_* score the image the method returns.
 SUMMARY_FIELDS = ("peak_psnr", "peak_step", "final_psnr", "final_ssim", "final_psnr_full", "final_ssim_full",
@@ -53,6 +61,7 @@ class LoopSettings:
     progress: ProgressFn | None = None
     progress_every: int = 10
     should_stop: Callable[[], bool] | None = None  # polled before each step (Ctrl-C, SIGTERM): StopRequested
+    metrics_block: int = METRICS_BLOCK  # steps between host copies of the per-step values
 
 
 @dataclass
@@ -133,13 +142,16 @@ class Loop:
         self.reference = self.problem.ground_truth  # None for measured data without a reference
         self.history = _History(settings.steps)
         solver.total_steps = settings.steps  # the budget, for solvers with schedules over it (HQS)
-        self.variance = MovingVariance(p.variance_window) if solver.uses_network else None
+        self.variance = (make_variance(p.es_variance, p.variance_window, p.emv_alpha)
+                         if solver.uses_network else None)
         self.stopper = EarlyStopper(p.patience, p.es_delta)
         self.ema: torch.Tensor | None = None
         self.peak_psnr, self.peak_step, self.peak_image = -math.inf, -1, None
         self.es_image: torch.Tensor | None = None
         self.start = 0
         self.elapsed = 0.0
+        self.records = StepBuffer(settings.metrics_block, solver.device)
+        self.alive = torch.tensor(True, device=solver.device)  # no non-finite loss yet (device-side)
 
     # ---- metrics ---------------------------------------------------------------------------
     def _metrics(self, k: int, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,60 +172,112 @@ class Loop:
         chapter's exponential averaging of the output, Sec. 6.3)."""
         decay = self.solver.params.ema_decay
         if decay > 0:
-            self.ema = image.clone() if self.ema is None else decay * self.ema + (1 - decay) * image
+            self.ema = image.clone() if self.ema is None else self._while_alive(decay * self.ema + (1 - decay) * image,
+                                                                                 self.ema)
+
+    def _while_alive(self, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        """`new` until a step's loss was non-finite, then `old`: the state at the divergence step
+        survives the rest of the block, which the host only sees at the next copy."""
+        return new if old is None else torch.where(self.alive, new, old)
 
     # ---- run -------------------------------------------------------------------------------
     def run(self) -> SolverResult:
         self._maybe_resume()
-        status = None
+        self.begin()
+        ended = None
         k = self.start - 1
         t0 = time.perf_counter()
         for k in range(self.start, self.s.steps):
             if self.s.should_stop is not None and self.s.should_stop():
+                ended = self.flush()
+                if ended is not None:
+                    break
                 self._stop_at(k, self.elapsed + time.perf_counter() - t0)
-            out = self.solver.step(k)
-            tensors = self.observe(k, out)
-            names = list(tensors)
-            values = dict(zip(names, torch.stack([t.detach().double().reshape(()) for t in tensors.values()]).tolist()))
-            status = self.record(k, out, values)
-            if status is not None:
-                break
+            self.push(k, self.solver.step(k))
+            if self.flush_due(k):
+                ended = self.flush()
+                if ended is not None:
+                    break
             if self.checkpoint_due(k):
                 self._save_checkpoint(k + 1, self.elapsed + time.perf_counter() - t0)
         if self.solver.device.type == "cuda":
             torch.cuda.synchronize(self.solver.device)
         runtime = self.elapsed + time.perf_counter() - t0
-        return self._result(k + 1, runtime, status == "diverged", status == "stopped")
+        status, steps_run = ended if ended is not None else (None, k + 1)
+        return self._result(steps_run, runtime, status == "diverged", status == "stopped")
 
     # ---- one step's bookkeeping, shared with the packed loop (recon.solvers.packed) ---------
+    def begin(self) -> None:
+        """Before the first step (after a resume): the device-side selections from the host state."""
+        dev = self.solver.device
+        self.peak = Selection(self.peak_psnr, self.peak_step, self.peak_image, dev)
+        best = self.stopper.best_step
+        self.selected = Selection(self.stopper.best, -1 if best is None else best, self.es_image, dev)
+        self._set_stop_horizon(self.start)
+
     def observe(self, k: int, out) -> dict[str, torch.Tensor]:
         """After `solver.step(k)` gave `out`: the step's loss terms and metrics as 0-d tensors."""
-        self.solver.last_image = out.image
+        self.solver.last_image = self._while_alive(out.image, self.solver.last_image)
         self._ema(out.image)
         return {**out.terms, **self._metrics(k, out.image)}
 
-    def record(self, k: int, out, values: dict[str, float]) -> str | None:
-        """Store step k's values; 'diverged' or 'stopped' when the run ends here, else None."""
-        self.history.record(k, values)
-        if not math.isfinite(values["loss"]):
-            return "diverged"
-        self._track(k, out.image, values)
-        if self.solver.params.early_stop and self.stopper.should_stop(k):
-            return "stopped"
-        if self.s.progress and (k % self.s.progress_every == 0 or k == self.s.steps - 1):
-            self.s.progress(k + 1, self.s.steps, values)
+    def push(self, k: int, out) -> None:
+        """Step k's values into the device buffer; peak and ES-WMV selection on the device."""
+        tensors = self.observe(k, out)
+        ok = self.alive & torch.isfinite(tensors["loss"])  # a diverging step selects nothing
+        if "psnr" in tensors:
+            psnr = tensors["psnr"].detach().double()
+            self.peak.offer(ok & (psnr > self.peak.value), psnr, k, out.image)
+        if "movvar" in tensors:  # ES-WMV, Alg. 2: a new best when g < delta * g_min
+            var = tensors["movvar"].detach().double()
+            self.selected.offer(ok & self.stopper.improves(var, self.selected.value), var, k, out.image)
+        self.alive = ok
+        self.records.write(k, tensors)
+
+    def _set_stop_horizon(self, next_step: int) -> None:
+        """The first step at which an early stop could fire: patience steps after the best step
+        the host knows (or after `next_step` while there is none)."""
+        best = self.stopper.best_step
+        self.stop_horizon = (next_step if best is None else best) + self.solver.params.patience
+
+    def flush_due(self, k: int) -> bool:
+        """Whether the host needs step k's values now: a full block, the last step, a checkpoint,
+        or a step where an early stop could fire (none before best step + patience)."""
+        return (self.records.full or k == self.s.steps - 1 or self.checkpoint_due(k)
+                or (self.solver.params.early_stop and k >= self.stop_horizon))
+
+    def payload(self) -> torch.Tensor:
+        """The pending rows and the selections' values and steps, for one host copy."""
+        return torch.cat([self.records.payload(), torch.stack(self.peak.scalars() + self.selected.scalars())])
+
+    def flush(self) -> tuple[str, int] | None:
+        return self.absorb(host_floats([self.payload()]))
+
+    def absorb(self, values: list[float]) -> tuple[str, int] | None:
+        """Take the copied payload: ('diverged' | 'stopped', steps run) when the run ended in it."""
+        peak_psnr, peak_step, best, best_step = values[-4:]
+        rows = self.records.unpack(values[:-4])
+        self.peak_psnr, self.peak_step = peak_psnr, int(peak_step)
+        self.peak_image = self.peak.image if self.peak_step >= 0 else None
+        self.stopper.best, self.stopper.best_step = best, (int(best_step) if best_step >= 0 else None)
+        self.es_image = self.selected.image if best_step >= 0 else None
+        for i, (k, row) in enumerate(rows):
+            self.history.record(k, row)
+            if not math.isfinite(row["loss"]):
+                return "diverged", k + 1
+            # the selections are those of the last row, so only there can the stop rule be read
+            if i == len(rows) - 1 and self.solver.params.early_stop and self.stopper.should_stop(k):
+                return "stopped", k + 1
+            if self.s.progress and (k % self.s.progress_every == 0 or k == self.s.steps - 1):
+                self.s.progress(k + 1, self.s.steps, row)
+        if rows:
+            self._set_stop_horizon(rows[-1][0] + 1)
         return None
 
     def checkpoint_due(self, k: int) -> bool:
         """Whether a periodic checkpoint follows step k (none after the last step)."""
         return bool(self.s.checkpoint_path and self.s.checkpoint_every and (k + 1) % self.s.checkpoint_every == 0
                     and k + 1 < self.s.steps)
-
-    def _track(self, k: int, image: torch.Tensor, values: dict[str, float]) -> None:
-        if "psnr" in values and values["psnr"] > self.peak_psnr:
-            self.peak_psnr, self.peak_step, self.peak_image = values["psnr"], k, image.clone()
-        if "movvar" in values and self.stopper.update(k, values["movvar"]):
-            self.es_image = image.clone()
 
     def _result(self, steps_run: int, runtime: float, diverged: bool, stopped: bool) -> SolverResult:
         solver = self.solver

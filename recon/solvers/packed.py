@@ -7,22 +7,30 @@ per-job losses, so each job's gradient is its own, and one Adam over the stacked
 B per-job Adams (Adam is elementwise). Batch norm stays per job: vmap gives every job its own
 statistics and running buffers (a batch of B through one module would mix them).
 
-Per job, and with the single loop's own code (`Loop.observe` / `record` / `_result`): the
+Per job, and with the single loop's own code (`Loop.push` / `absorb` / `_result`): the
 loss and data terms (each job's `objective` on its own Problem and operator), metrics, moving
 variance, EMA, early stopping, divergence, checkpoints in the single loop's format (one file per
 job; a job resumes alone or in any pack). A job that stops early or diverges leaves with its
 result; its slot keeps being computed but takes no part in the loss, so the others' numbers never
-depend on when (or whether) a pack-mate left: vmapped kernels give a job the same bits whatever its
-pack-mates' data, but not whatever the pack size (grouped convolutions pick kernels by the group
-count), so the pack never shrinks.
+depend on when (or whether) a pack-mate left. The slot is not dropped from the computation,
+because the pack's width changes a job's bits: vmapped kernels give a job the same bits whatever
+its pack-mates' data, but not whatever the pack size (vmap runs convolutions as grouped ones, and
+the CPU kernels depend on the group count). Measured (1 thread, 32 px, 5 dip steps, job 0's loss
+in packs of 2, 3, 4, 5, 8): `tiny` differs at B = 8 (2e-7 relative) from B = 2-5; in single
+grouped convolutions, a 1-channel 3x3 stride-2 layer (the skip net's first) differs between 2 and
+8 or 16 groups (output or gradients). Re-stacking the remaining jobs would make a job's numbers depend
+on when its pack-mates finished, so exactness wins over the saved work.
 
-Host syncs: the loop's per-step decisions (divergence, early stopping, peak) need the values, so
-each pack step copies every job's metrics to the host in one transfer (B jobs, one sync; the
-single loop makes one per job-step). Jobs stepped: dip, es-dip, tv-dip, aseqdip (its z_k = f(z_{k-1})
-is one batched forward), self-guided (N_eta draws per job through vmap; its learnt input z is a row
-of a stacked tensor while the pack steps). deep-decoder (DIP's step on its own network). Solvers
-with inner solves or proximal steps between updates (HQS/ADMM/RED, DIP-ADMM) and the classical
-ones are not packable (`packable(name)` is False) and run alone.
+Host syncs: none per step. Each job's per-step values stay on the device and the pack copies
+every job's pending values in one transfer every METRICS_BLOCK steps (and at checkpoints, the
+last step and a possible early stop); a job that diverged inside a block leaves at its divergence
+step with that step's image (recon.solvers.loop). Until that copy its slot is still in the loss
+(its NaN loss reaches only its own gradients and Adam moments: the kernels are per job). Jobs
+stepped: dip, es-dip, tv-dip, aseqdip (its z_k = f(z_{k-1}) is one batched forward), self-guided
+(N_eta draws per job through vmap; its learnt input z is a row of a stacked tensor while the pack
+steps). deep-decoder (DIP's step on its own network). Solvers with inner solves or proximal steps
+between updates (HQS/ADMM/RED, DIP-ADMM) and the classical ones are not packable
+(`packable(name)` is False) and run alone.
 
 Exactness (tests/test_packing.py): a pack of one uses the plain module (vmap at B = 1 is not
 bit-identical: the batched reflection pad hands the next convolution a differently strided input,
@@ -53,6 +61,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from recon.problem import Problem
 from recon.solvers.base import NetworkSolver, StepOutput
 from recon.solvers.loop import Loop, LoopSettings, ProgressFn, SolverResult, StopRequested
+from recon.solvers.step_records import METRICS_BLOCK, host_floats
 
 __all__ = ["packable", "run_solver_pack", "pack_footprint"]
 
@@ -195,17 +204,29 @@ def _run_pack(loops: list[Loop], should_stop: Callable[[], bool] | None) -> list
         results[j].extra["pack_size"] = n
         active[j] = False
 
+    def flush() -> None:
+        running = [j for j in range(n) if active[j]]
+        for j, ended in zip(running, _flush([loops[j] for j in running])):
+            if ended is not None:
+                finish(j, ended[1], ended[0])
+
+    for loop in loops:
+        loop.begin()
     try:
         for k in range(loops[0].start, settings.steps):
             if should_stop is not None and should_stop():
+                flush()  # a job that ended in the last block ends there, as it would have
                 checkpoint(k)
                 for j in range(n):
                     if active[j]:
                         path = loops[j].s.checkpoint_path
                         results[j], active[j] = StopRequested(k, Path(path) if path else None), False
                 return results
-            outs = pack_step(pack, active, k, last)
-            _record(loops, outs, active, k, finish)
+            for j, out in enumerate(pack_step(pack, active, k, last)):
+                if out is not None:
+                    loops[j].push(k, out)
+            if any(active[j] and loops[j].flush_due(k) for j in range(n)):
+                flush()
             if not any(active):
                 return results
             if loops[0].checkpoint_due(k):
@@ -222,16 +243,15 @@ def _run_pack(loops: list[Loop], should_stop: Callable[[], bool] | None) -> list
     return results
 
 
-def _record(loops: list[Loop], outs: list[StepOutput | None], active: list[bool], k: int, finish) -> None:
-    """Per-job bookkeeping of step k, with one host copy for the whole pack."""
-    per_job = {j: loops[j].observe(k, out) for j, out in enumerate(outs) if out is not None}
-    flat = [t.detach().double().reshape(()) for tensors in per_job.values() for t in tensors.values()]
-    values = iter(torch.stack(flat).tolist())
-    for j, tensors in per_job.items():
-        row = {name: next(values) for name in tensors}
-        status = loops[j].record(k, outs[j], row)
-        if status is not None:
-            finish(j, k + 1, status)
+def _flush(loops: list[Loop]) -> list[tuple[str, int] | None]:
+    """Every loop's pending values in one host copy; what each loop's `absorb` says."""
+    payloads = [loop.payload() for loop in loops]
+    values = host_floats(payloads)
+    ends, at = [], 0
+    for loop, payload in zip(loops, payloads):
+        ends.append(loop.absorb(values[at:at + payload.numel()]))
+        at += payload.numel()
+    return ends
 
 
 def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None = None,
@@ -239,7 +259,8 @@ def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None
                     device: str | torch.device | None = None, ssim_every: int = 10,
                     checkpoint_paths: Sequence[str | Path | None] | None = None, checkpoint_every: int = 0,
                     progress: Sequence[ProgressFn | None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> list[SolverResult | BaseException]:
+                    should_stop: Callable[[], bool] | None = None,
+                    metrics_block: int = METRICS_BLOCK) -> list[SolverResult | BaseException]:
     """Run solver `name` on every problem as one pack; one entry per problem, in order.
 
     All problems share the task and image shape (and the solver, `params`, `steps`); each has its
@@ -276,7 +297,7 @@ def run_solver_pack(name: str, problems: Sequence[Problem], *, steps: int | None
             solver = cls(problem.to(dev), p, seed=int(seeds[j]), device=dev)
             path = checkpoint_paths[j] if checkpoint_paths is not None else None
             settings = LoopSettings(steps=steps, ssim_every=ssim_every, checkpoint_path=Path(path) if path else None,
-                                    checkpoint_every=checkpoint_every,
+                                    checkpoint_every=checkpoint_every, metrics_block=metrics_block,
                                     progress=progress[j] if progress is not None else None)
             loop = Loop(solver, settings)
             if cls.packable:
