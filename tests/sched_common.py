@@ -204,7 +204,7 @@ def ledger_if_created(store: Path) -> dict[str, str]:
     """The ledger, or {} while the driver is still creating the store."""
     try:
         return statuses(store)
-    except (KeyError, FileNotFoundError, ValueError):
+    except (KeyError, FileNotFoundError, ValueError, st.StoreError):  # StoreError: no zarr.json yet
         return {}
 
 

@@ -21,7 +21,7 @@ def test_killed_driver_rerun_runs_only_unfinished_jobs(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # as soon as one job is done (the others pending or mid-run), kill the driver
-        sc.wait_for(lambda: "done" in _statuses_if_created(out).values(), 240, "the first finished job")
+        sc.wait_for(lambda: "done" in sc.ledger_if_created(out).values(), 240, "the first finished job")
         workers = [p for p in sc.children_of(driver.pid) if "multiprocessing.spawn" in sc.cmdline(p)]
         os.kill(driver.pid, signal.SIGKILL)
     finally:
@@ -43,10 +43,3 @@ def test_killed_driver_rerun_runs_only_unfinished_jobs(tmp_path):
     assert all(tries[j] == 2 for j in interrupted)
     sc.assert_same_results(out, reference)
 
-
-def _statuses_if_created(out) -> dict[str, str]:
-    """The ledger, or {} while the driver is still creating the store."""
-    try:
-        return sc.statuses(out)
-    except (KeyError, FileNotFoundError, ValueError):
-        return {}
