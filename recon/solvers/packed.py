@@ -93,7 +93,9 @@ class NetPack:
         # stacked tensor (so its gradient lands there); sync puts its own Parameter back
         self.inputs = {(gi, i): slot for (gi, i), slot in self._slots.items()
                        if slot[1][0] is self.solvers[0].z}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [self._slots[(gi, i)][0]
+        # foreach: one kernel per Adam operation over all stacked tensors instead of one per tensor
+        # (torch picks it only on CUDA); the same arithmetic, elementwise, as the per-job optimizers
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, **_foreach(g), "params": [self._slots[(gi, i)][0]
                    for i in range(len(g["params"]))]} for gi, g in enumerate(first.optimizer.param_groups)]
         self.optimizer = type(first.optimizer)(groups)
         for stacked, per_job in self._slots.values():
@@ -125,7 +127,8 @@ class NetPack:
                 solver.z = stacked[j]
 
     def _call(self, params: dict, buffers: dict, z: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.base, (params, buffers), (z,))
+        # the networks tie no weights: skip functional_call's search for tied ones (per call)
+        return functional_call(self.base, (params, buffers), (z,), tie_weights=False)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One network output per slot, each slot's input through its own network."""
@@ -157,6 +160,11 @@ class NetPack:
             if state:
                 solver.optimizer.state[per_job[j]] = {
                     key: value.clone() if key == "step" else value[j].clone() for key, value in state.items()}
+
+
+def _foreach(group: dict) -> dict:
+    """foreach=True where the optimizer has that option and the user did not choose fused."""
+    return {"foreach": True} if "foreach" in group and not group.get("fused") else {}
 
 
 def pack_step(pack: NetPack, active: Sequence[bool], k: int, last: list) -> list[StepOutput | None]:
