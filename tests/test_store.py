@@ -245,8 +245,12 @@ def test_a_killed_creation_leaves_nothing_under_the_name_and_the_next_one_cleans
 
     ctx = mp.get_context("spawn")
     outcomes = set()
-    # creating 1,000 jobs takes ~3 s here: moments from its start to past its end
-    for k, delay in enumerate(sorted(random.Random(0).uniform(0.05, 2.5) for _ in range(3)) + [30.0]):
+    # kill moments inside a creation of 1,000 jobs as long as one measured here, and one past its end
+    t0 = time.perf_counter()
+    _create(tmp_path / "timed.zarr", 1000)
+    took = time.perf_counter() - t0
+    rng = random.Random(0)
+    for k, delay in enumerate(sorted(rng.uniform(0.05, 0.8) * took for _ in range(3)) + [30.0]):
         path = tmp_path / f"kill{k}.zarr"
         started = ctx.Event()
         child = ctx.Process(target=_create_in_child, args=(str(path), 1000, started))

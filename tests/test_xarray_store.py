@@ -92,7 +92,7 @@ def test_open_datatree_shows_the_whole_store(real_store):
     groups = set(tree.groups)
     assert {"/jobs", "/metrics", "/summary", "/images", "/aggregate/compact", "/aggregate/stats"} <= groups
     assert tree["metrics"]["values"].sizes["job"] == 2
-    assert tree.attrs["layout_version"] == 2
+    assert tree.attrs["layout_version"] == st.LAYOUT_VERSION
 
 
 def test_open_results_round_trips_through_netcdf(fabricated, tmp_path):
