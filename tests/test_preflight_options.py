@@ -21,14 +21,6 @@ from sched_common import REPO, statuses, write_manifest
 DIP = "  - {name: dip, params: {network: tiny}}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def manifest_with(tmp_path: Path, *solvers: str, steps: int = 3) -> Path:
     """The tiny 32 px denoising cohort of sched_common, one seed, with these solver entries."""
     path = write_manifest(tmp_path / "m.yaml", steps=steps, seeds=(0,))

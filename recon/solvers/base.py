@@ -29,7 +29,6 @@ class StepOutput:
     terms: dict[str, torch.Tensor]
 
 
-
 class OptionChecks:
     """Range and choice checks of one solver's options, on values already coerced to their types.
 
@@ -40,7 +39,7 @@ class OptionChecks:
     def __init__(self, solver: str, params: Any):
         self.solver, self.params = solver, params
 
-    def fail(self, option: str, expected: str) -> None:
+    def fail(self, option: str, expected: str) -> typing.NoReturn:
         aliases = [a for a, f in getattr(type(self.params), "ALIASES", {}).items() if f == option]
         name = f"{option} ({', '.join(aliases)})" if aliases else option
         raise ValueError(f"solver {self.solver!r} option {name}: got {getattr(self.params, option)!r}, "
