@@ -425,7 +425,7 @@ def _cell(text: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# solvers: validation against the solver's params dataclass, grid expansion
+# solvers: validation against the solver's params dataclass (names, types, values), grid expansion
 # ---------------------------------------------------------------------------------------------
 def _expand_solvers(model: ManifestModel, path: Path) -> list[SolverConfig]:
     from recon.solvers import get_solver
@@ -444,10 +444,11 @@ def _expand_solvers(model: ManifestModel, path: Path) -> list[SolverConfig]:
         steps = entry.steps or model.steps or cls.default_steps
         ckpt = entry.checkpoint_every if entry.checkpoint_every is not None else model.checkpoint_every
         for point in _grid(entry.params, cls.Params):
-            try:
-                p = make_params(cls.Params, point, where=f"{where}.params")
+            try:  # names, types, then values as the solver checks them (nothing built: once per config)
+                p = make_params(cls.Params, point, where=f"{where}.params", solver=entry.name)
             except (ValueError, TypeError) as err:
-                raise ManifestError(str(err)) from None
+                msg = str(err)
+                raise ManifestError(msg if f"solver {entry.name!r}" in msg else f"{msg} (solver {entry.name!r})") from None
             aliases = getattr(cls.Params, "ALIASES", {})
             canonical = {aliases.get(k, k): getattr(p, aliases.get(k, k)) for k in point}
             cfg = SolverConfig(entry.name, canonical, steps, seeds, resources, ckpt, where)

@@ -1,5 +1,9 @@
 """Checks of a manifest's scans and solver configurations before the driver writes anything.
 
+Every solver configuration's option names, types and values were already checked when the
+manifest was loaded (`pipeline.manifest`: `make_params(..., solver=name)` runs the solver's own
+`Params.validate`, once per configuration, nothing built); what is left here needs a scan.
+
 The driver runs this on the login node, so it reads as little as it can: every scan's file
 header (`pipeline.io.scan_header`: PNG/JPEG/BMP, TIFF, NPY/NPZ, DICOM, HDF5; a few threads, I/O
 bound), which refuses missing, empty and header-truncated files, then groups the scans by

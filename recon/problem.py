@@ -9,6 +9,10 @@ import torch
 from recon.operators.base import LinearOperator, Operator
 
 
+# the image-shaped network inputs `Problem.initial_image` builds ('fbp': CT only)
+IMAGE_INPUTS = ("auto", "adjoint", "fbp", "measurements")
+
+
 @dataclass
 class Problem:
     """Everything a solver needs to reconstruct one scan.
@@ -136,4 +140,4 @@ class Problem:
             return self.fbp_image()
         if kind == "measurements":
             return self.measurement_image()
-        raise ValueError(f"unknown input kind {kind!r}; expected 'auto', 'adjoint', 'fbp' or 'measurements'")
+        raise ValueError(f"unknown input kind {kind!r}; expected one of {', '.join(map(repr, IMAGE_INPUTS))}")

@@ -148,6 +148,8 @@ def test_fastmri_h5_uses_measured_kspace(tmp_path):
     (["--solver", "dip", "--set", "bogus=1"], "unknown field(s) bogus"),
     (["--solver", "dip", "--set", "lr=fast"], "lr: expected a number"),
     (["--solver", "dip", "--set", "network=nonesuch"], "nonesuch"),
+    (["--solver", "es-dip", "--set", "es_variance=bogus"],
+     "--set: solver 'es-dip' option es_variance: got 'bogus', expected one of 'wmv', 'emv'"),
     (["--solver", "dip", "--steps", "0"], "--steps must be >= 1"),
 ])
 def test_bad_arguments_exit_2_with_message(tmp_path, capsys, argv, message):

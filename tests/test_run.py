@@ -163,7 +163,7 @@ def test_changed_manifest_needs_a_new_store(tmp_path, capsys):
     (("task: denoise, params: {sigma: 25}", "task: ct, params: {views: 0}"), "parameter 'views' must lie in [1, inf]"),
     (("{name: aseqdip, params: {network: tiny}}", "{name: fbp}"), "fbp: filtered back-projection exists for CT only"),
     (("{name: aseqdip, params: {network: tiny}}", "{name: deep-decoder, params: {network: tiny}}"),
-     "deep-decoder: network must be a Deep Decoder preset"),
+     "solver 'deep-decoder' option network: got 'tiny', expected one of 'deep-decoder', 'deep-decoder-small'"),
     (('"skimage:camera"', "gone.npy"), "gone.npy: no such file"),
     (('"skimage:camera"', "empty.npy"), "empty.npy"),
 ])

@@ -82,14 +82,14 @@ def test_unknown_solver_names_the_choices(denoise):
     ("dip", {"lrr": 0.1}, r"solver 'dip' params: unknown field\(s\) lrr"),
     ("dip", {"lr": "fast"}, r"params\.lr: expected a number"),
     ("aseqdip", {"N": 1.5}, r"params\.inner_steps: expected an integer"),
-    ("tv-dip-hqs", {"inner_steps": 0}, r"inner_steps \(N_sub\) must be >= 1"),
-    ("dip-red", {"L": 1.0}, r"L must be > 1"),
-    ("dip-denoiser-admm", {"denoiser": "wiener"}, r"unknown denoiser 'wiener'"),
-    ("self-guided", {"gamma": 1.0}, r"gamma must be in \[0, 1\)"),
-    ("deep-decoder", {"network": "skip"}, r"network must be a Deep Decoder preset"),
-    ("dip", {"network": "resnet"}, r"unknown network preset 'resnet'"),
-    ("tv", {"alpha": -1}, r"alpha must be >= 0"),
-    ("pnp-admm", {"rho": 0}, r"rho must be > 0"),
+    ("tv-dip-hqs", {"inner_steps": 0}, r"option inner_steps \(N, N_sub\): got 0, expected an integer >= 1"),
+    ("dip-red", {"L": 1.0}, r"option L: got 1\.0, expected a number > 1"),
+    ("dip-denoiser-admm", {"denoiser": "wiener"}, r"option denoiser: got 'wiener', expected one of 'tv', 'nlm', 'bm3d'"),
+    ("self-guided", {"gamma": 1.0}, r"option gamma \(alpha\): got 1\.0, expected a number in \[0, 1\)"),
+    ("deep-decoder", {"network": "skip"}, r"option network: got 'skip', expected one of 'deep-decoder'.*Deep Decoder preset"),
+    ("dip", {"network": "resnet"}, r"option network: got 'resnet', expected one of 'skip', 'unet'"),
+    ("tv", {"alpha": -1}, r"solver 'tv' option alpha: got -1\.0, expected a number >= 0"),
+    ("pnp-admm", {"rho": 0}, r"solver 'pnp-admm' option rho: got 0\.0, expected a number > 0"),
 ])
 def test_bad_params_give_clear_errors(denoise, name, params, message):
     with pytest.raises(ValueError, match=message):
@@ -137,7 +137,7 @@ def test_noise_input_is_gaussian_with_the_images_channels(denoise):
     uniform = Recorder("dip", denoise, small_params("dip", input_distribution="uniform", input_channels=32),
                        steps=1).solver.z
     assert uniform.shape[1] == 32 and float(uniform.min()) >= 0 and float(uniform.max()) <= 0.1
-    with pytest.raises(ValueError, match="input_distribution must be one of gaussian, uniform"):
+    with pytest.raises(ValueError, match="option input_distribution: got 'laplace', expected one of 'gaussian', 'uniform'"):
         run("dip", denoise, steps=1, params={"input_distribution": "laplace"})
 
 

@@ -132,9 +132,14 @@ def _solver_params(name: str, sets: dict[str, Any]) -> tuple[type, Any]:
         raise UsageError(f"unknown solver {name!r}; expected one of {', '.join(solver_names())}")
     cls = get_solver(name)
     try:
-        return cls, make_params(cls.Params, sets, where=f"--set for solver {name!r}")
+        params = make_params(cls.Params, sets, where=f"--set for solver {name!r}")
     except ValueError as err:
         raise UsageError(str(err)) from None
+    try:  # the values, as the solver checks them, before the scan is loaded
+        params.validate(name)
+    except ValueError as err:
+        raise UsageError(f"--set: {err}") from None
+    return cls, params
 
 
 # ---------------------------------------------------------------------------------------------

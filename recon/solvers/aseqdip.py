@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver
+from recon.problem import IMAGE_INPUTS
+from recon.solvers.base import NetworkParams, NetworkSolver, OptionChecks
 
 
 @dataclass
@@ -35,6 +36,12 @@ class ASeqDIPParams(NetworkParams):
     # Pytorch-UNet (64-1024 channels) with N(0, 0.02) weight initialisation.
     input: str = "auto"       # z0: Problem.initial_image('auto'), y for restoration, A^H y for MRI and CT (Sec. 3.2)
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.one_of("input", IMAGE_INPUTS, " (z_0 is an image, Sec. 3.2)")
+        c.nonnegative("lam")
+        c.at_least(1, "inner_steps")
+
 
 @register
 class ASeqDIP(NetworkSolver):
@@ -48,8 +55,6 @@ class ASeqDIP(NetworkSolver):
 
     def objective(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.params
-        if p.inner_steps < 1:
-            raise ValueError(f"aseqdip: inner_steps (N) must be >= 1, got {p.inner_steps}")
         data = self.problem.data_fidelity(x)
         autoencoding = 0.5 * torch.sum((x - self.z) ** 2)
         return {"loss": data + p.lam * autoencoding, "data": data, "autoencoding": autoencoding}

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from recon.problem import Problem
+from recon.early_stopping import VARIANCES
+from recon.problem import IMAGE_INPUTS, Problem
 
 
 @dataclass
@@ -26,6 +27,55 @@ class StepOutput:
 
     image: torch.Tensor
     terms: dict[str, torch.Tensor]
+
+
+class OptionChecks:
+    """Range and choice checks of one solver's options, on values already coerced to their types.
+
+    Each failure is a ValueError naming the solver, the option (with its aliases), the value given
+    and what is allowed: "solver 'es-dip' option es_variance: got 'bogus', expected one of 'wmv', 'emv'".
+    """
+
+    def __init__(self, solver: str, params: Any):
+        self.solver, self.params = solver, params
+
+    def fail(self, option: str, expected: str) -> typing.NoReturn:
+        aliases = [a for a, f in getattr(type(self.params), "ALIASES", {}).items() if f == option]
+        name = f"{option} ({', '.join(aliases)})" if aliases else option
+        raise ValueError(f"solver {self.solver!r} option {name}: got {getattr(self.params, option)!r}, "
+                         f"expected {expected}")
+
+    def one_of(self, option: str, choices: tuple[str, ...], note: str = "") -> None:
+        if getattr(self.params, option) not in choices:
+            self.fail(option, "one of " + ", ".join(map(repr, choices)) + note)
+
+    def at_least(self, low: float, *options: str, strict: bool = False, optional: bool = False) -> None:
+        """value >= low (> low when strict); None passes when `optional` (a default chosen later)."""
+        for option in options:
+            value = getattr(self.params, option)
+            if optional and value is None:
+                continue
+            if not (_is_number(value) and (value > low if strict else value >= low)):
+                kind = "an integer" if typing.get_type_hints(type(self.params)).get(option) is int else "a number"
+                self.fail(option, f"{kind} {'>' if strict else '>='} {low:g}" + (" (or null)" if optional else ""))
+
+    def positive(self, *options: str, optional: bool = False) -> None:
+        self.at_least(0, *options, strict=True, optional=optional)
+
+    def nonnegative(self, *options: str) -> None:
+        self.at_least(0, *options)
+
+    def between(self, option: str, low: float, high: float, closed: str = "[)") -> None:
+        """low <= value < high, with `closed` saying which ends belong: '[)', '(]', '[]' or '()'."""
+        value = getattr(self.params, option)
+        above = _is_number(value) and (value >= low if closed[0] == "[" else value > low)
+        below = _is_number(value) and (value <= high if closed[1] == "]" else value < high)
+        if not (above and below):
+            self.fail(option, f"a number in {closed[0]}{low:g}, {high:g}{closed[1]}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -44,6 +94,21 @@ class SolverParams:
     emv_alpha: float = 0.1
     patience: int = 1000
     es_delta: float = 1.0
+
+    def validate(self, solver: str) -> None:
+        """Refuse an option value the method cannot run with (ValueError naming the option, the value
+        and what is allowed). Cheap (builds nothing): `Solver.__init__` runs it first, and a
+        manifest's pre-flight once per configuration (`make_params(..., solver=name)`)."""
+        self.check(OptionChecks(solver, self))
+
+    def check(self, c: OptionChecks) -> None:
+        """The checks of these options; a subclass extends it (calling super().check(c) first)."""
+        c.between("ema_decay", 0, 1)
+        c.one_of("es_variance", VARIANCES)
+        c.at_least(2, "variance_window")
+        c.between("emv_alpha", 0, 1, "()")
+        c.nonnegative("patience")
+        c.positive("es_delta")
 
 
 @dataclass
@@ -80,8 +145,19 @@ class NetworkParams(SolverParams):
     jitter: float = 0.0
     init_weights: str | None = None
 
+    def check(self, c: OptionChecks) -> None:
+        from recon.nets import PRESETS
+
+        super().check(c)
+        c.one_of("network", tuple(PRESETS))
+        c.positive("lr", "input_noise_scale")
+        c.one_of("input", NETWORK_INPUTS)
+        c.nonnegative("input_channels", "jitter")
+        c.one_of("input_distribution", INPUT_DISTRIBUTIONS)
+
 
 INPUT_DISTRIBUTIONS = ("gaussian", "uniform")
+NETWORK_INPUTS = ("noise", *IMAGE_INPUTS)
 
 
 def noise_input(shape: tuple[int, ...], distribution: str, scale: float, generator: torch.Generator,
@@ -95,8 +171,9 @@ def noise_input(shape: tuple[int, ...], distribution: str, scale: float, generat
                      f"got {distribution!r}")
 
 
-def make_params(cls: type, values: dict[str, Any] | None, where: str = "params") -> Any:
-    """Build a params dataclass from a mapping, with errors naming the field and expected type."""
+def make_params(cls: type, values: dict[str, Any] | None, where: str = "params", solver: str | None = None) -> Any:
+    """Build a params dataclass from a mapping, with errors naming the field and expected type;
+    given `solver` (its name), also check the values as that solver will (`SolverParams.validate`)."""
     aliases = getattr(cls, "ALIASES", {})
     values = {aliases.get(k, k): v for k, v in (values or {}).items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -108,7 +185,13 @@ def make_params(cls: type, values: dict[str, Any] | None, where: str = "params")
     out = {}
     for name, value in values.items():
         out[name] = _coerce(value, hints[name], f"{where}.{name}")
-    return cls(**out)
+    params = cls(**out)
+    if solver is not None:
+        try:
+            params.validate(solver)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    return params
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -153,6 +236,7 @@ class Solver:
     packable: ClassVar[bool] = False
 
     def __init__(self, problem: Problem, params: Any, seed: int, device: torch.device):
+        params.validate(self.name)  # before anything is built (the checks a manifest's pre-flight runs)
         self.problem = problem
         self.params = params
         self.seed = seed
@@ -207,8 +291,6 @@ class NetworkSolver(Solver):
     def initial_input(self) -> torch.Tensor:
         p = self.params
         if p.input == "noise":
-            if p.input_channels < 0:
-                raise ValueError(f"{self.name}: input_channels must be >= 0 (0: the image's), got {p.input_channels}")
             channels = p.input_channels or self.problem.channels
             shape = (1, channels, *self.problem.image_shape[2:])
             return noise_input(shape, p.input_distribution, p.input_noise_scale, self.generator, self.device,

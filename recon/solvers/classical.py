@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import Solver, SolverParams, StepOutput
+from recon.solvers.base import OptionChecks, Solver, SolverParams, StepOutput
 from recon.solvers.common import divergence, gradient, require_linear, tv_norm
 
 
@@ -67,6 +67,11 @@ class TVParams(SolverParams):
     alpha: float = 0.01
     theta: float = 1.0   # over-relaxation theta = 1: Chambolle & Pock 2011, Alg. 1
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.nonnegative("alpha")
+        c.between("theta", 0, 1, "[]")  # Chambolle & Pock 2011: theta in [0, 1]
+
 
 @register
 class TV(Solver):
@@ -83,8 +88,6 @@ class TV(Solver):
 
     def __init__(self, problem, params, seed, device):
         require_linear(problem, "tv")
-        if params.alpha < 0:
-            raise ValueError(f"tv: alpha must be >= 0, got {params.alpha!r}")
         super().__init__(problem, params, seed, device)
         op = problem.operator
         self.tau = self.sigma = 0.99 / math.sqrt(op.norm() ** 2 + 8.0)

@@ -1,4 +1,4 @@
-"""Small pieces several solver modules share: TV, schedules, denoisers, checks."""
+"""Small pieces several solver modules share: TV, schedules, denoisers, the linearity check."""
 from __future__ import annotations
 
 import math
@@ -83,15 +83,3 @@ def require_linear(problem: Problem, solver: str) -> None:
 
     if not isinstance(problem.operator, LinearOperator):
         raise ValueError(f"{solver}: needs a linear operator; task {problem.task!r} has a non-linear one")
-
-
-def check_positive(solver: str, **values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{solver}: {name} must be > 0, got {value!r}")
-
-
-def check_nonnegative(solver: str, **values: float) -> None:
-    for name, value in values.items():
-        if not value >= 0:
-            raise ValueError(f"{solver}: {name} must be >= 0, got {value!r}")

@@ -10,7 +10,7 @@ import torch
 
 from recon.nets import PRESETS, DeepDecoder as DeepDecoderNet
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver
+from recon.solvers.base import NetworkParams, NetworkSolver, OptionChecks
 
 
 @dataclass
@@ -19,6 +19,12 @@ class DeepDecoderParams(NetworkParams):
     lr: float = 0.008               # Adam lr 0.008 for the Deep Decoder: tutorial Sec. IV (Fig. 6 setup)
     input: str = "noise"            # its own fixed random input (the only input it takes)
     input_noise_scale: float = 0.1  # z ~ U(0, 1) scaled by 1/10: Heckel & Hand 2019
+
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.one_of("network", tuple(n for n, s in PRESETS.items() if issubclass(s.cls, DeepDecoderNet)),
+                 " (a Deep Decoder preset)")
+        c.one_of("input", ("noise",), " (its own fixed random input)")
 
 
 @register
@@ -29,13 +35,7 @@ class DeepDecoder(NetworkSolver):
 
     def initial_input(self) -> torch.Tensor:
         p = self.params
-        preset = PRESETS.get(p.network)
-        if preset is None or not issubclass(preset.cls, DeepDecoderNet):
-            decoders = [n for n, s in PRESETS.items() if issubclass(s.cls, DeepDecoderNet)]
-            raise ValueError(f"deep-decoder: network must be a Deep Decoder preset ({', '.join(decoders)}), "
-                             f"got {p.network!r}")
-        if p.input != "noise":
-            raise ValueError(f"deep-decoder: input must be 'noise' (its own fixed random input), got {p.input!r}")
+        preset = PRESETS[p.network]
         layers, channels = preset.kwargs.get("layers", 6), preset.kwargs.get("channels", 128)
         h, w = self.problem.image_shape[2:]
         factor = 2 ** (layers - 1)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
-from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, check_positive, make_denoiser
+from recon.solvers.base import NetworkParams, NetworkSolver, OptionChecks, StepOutput
+from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, make_denoiser
 
 
 @dataclass
@@ -35,6 +35,12 @@ class DIPADMMParams(NetworkParams):
     strength: float | None = None  # None: the thesis' tuned strength per denoiser (Sec. 3.3, common.py)
     ema_decay: float = 0.9    # r_{t+1} = 0.9 r_t + 0.1 x_t smoothing of the shown result: thesis Sec. 4.2
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.positive("rho")
+        c.one_of("denoiser", DENOISERS)
+        c.positive("strength", optional=True)
+
 
 @register
 class DIPADMM(NetworkSolver):
@@ -43,9 +49,6 @@ class DIPADMM(NetworkSolver):
     terms = ("data", "coupling")
 
     def __init__(self, problem, params, seed, device):
-        check_positive("dip-admm", rho=params.rho)
-        if params.denoiser not in DENOISERS:
-            raise ValueError(f"dip-admm: unknown denoiser {params.denoiser!r}; expected one of {', '.join(DENOISERS)}")
         super().__init__(problem, params, seed, device)
         # x-step: prox of R/rho. For TV, R = strength * TV, so the prox weight is strength / rho;
         # other denoisers replace the prox with their tuned noise level (thesis Sec. 3.2.4).

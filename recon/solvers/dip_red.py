@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers import register
-from recon.solvers.common import check_nonnegative, make_denoiser
+from recon.solvers.base import OptionChecks
+from recon.solvers.common import make_denoiser
 from recon.solvers.splitting import BlockParams, BlockSolver
 
 
@@ -34,6 +35,12 @@ class DIPREDParams(BlockParams):
 
     ALIASES = {"lambda": "lam", "N": "inner_steps", "N_sub": "inner_steps"}
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.nonnegative("lam")
+        c.at_least(1, "L", strict=True)  # Alg. 5
+        c.positive("strength", optional=True)
+
 
 @register
 class DIPRED(BlockSolver):
@@ -41,9 +48,6 @@ class DIPRED(BlockSolver):
     Params = DIPREDParams
 
     def __init__(self, problem, params, seed, device):
-        check_nonnegative("dip-red", lam=params.lam)
-        if not params.L > 1:
-            raise ValueError(f"dip-red: L must be > 1 (Alg. 5), got {params.L!r}")
         super().__init__(problem, params, seed, device)
         self.denoise = make_denoiser(params.denoiser, params.strength, self.name)
         self.t = 1.0                                                   # t_0 = 1

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import Solver, SolverParams, StepOutput
-from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, check_positive, make_denoiser, require_linear
+from recon.solvers.base import OptionChecks, Solver, SolverParams, StepOutput
+from recon.solvers.common import DEFAULT_STRENGTH, DENOISERS, make_denoiser, require_linear
 
 
 @dataclass
@@ -25,6 +25,13 @@ class PnPADMMParams(SolverParams):
     strength: float | None = None  # None: thesis-tuned per denoiser (Sec. 3.3): TV 0.01, BM3D 0.05
     cg_iterations: int = 20       # inner CG iterations for the y-step (not in the thesis: it uses a closed form)
     cg_tolerance: float = 1e-6    # relative residual at which CG stops early
+
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.positive("rho", "cg_tolerance")
+        c.one_of("denoiser", DENOISERS)
+        c.positive("strength", optional=True)
+        c.at_least(1, "cg_iterations")
 
 
 def conjugate_gradient(apply, rhs: torch.Tensor, x0: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
@@ -56,11 +63,6 @@ class PnPADMM(Solver):
 
     def __init__(self, problem, params, seed, device):
         require_linear(problem, "pnp-admm")
-        check_positive("pnp-admm", rho=params.rho, cg_tolerance=params.cg_tolerance)
-        if params.cg_iterations < 1:
-            raise ValueError(f"pnp-admm: cg_iterations must be >= 1, got {params.cg_iterations}")
-        if params.denoiser not in DENOISERS:
-            raise ValueError(f"pnp-admm: unknown denoiser {params.denoiser!r}; expected one of {', '.join(DENOISERS)}")
         super().__init__(problem, params, seed, device)
         strength = DEFAULT_STRENGTH[params.denoiser] if params.strength is None else params.strength
         if params.denoiser == "tv":

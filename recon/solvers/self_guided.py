@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver
-from recon.solvers.common import check_nonnegative, check_positive
+from recon.problem import IMAGE_INPUTS
+from recon.solvers.base import NetworkParams, NetworkSolver, OptionChecks
 
 
 @dataclass
@@ -39,6 +39,16 @@ class SelfGuidedParams(NetworkParams):
 
     ALIASES = {"lambda": "lam", "alpha": "gamma", "N_eta": "n_eta"}
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.one_of("input", IMAGE_INPUTS, " (z starts from an image and is learnt)")
+        c.nonnegative("lam")
+        c.at_least(1, "n_eta")
+        c.between("gamma", 0, 1)
+        c.positive("noise_fraction", "lr_z")
+        if self.jitter != 0:
+            c.fail("jitter", "0 (the method perturbs its input by eta itself)")
+
 
 @register
 class SelfGuidedDIP(NetworkSolver):
@@ -48,14 +58,6 @@ class SelfGuidedDIP(NetworkSolver):
     terms = ("data", "self_guidance")
 
     def __init__(self, problem, params, seed, device):
-        check_nonnegative("self-guided", lam=params.lam)
-        if params.n_eta < 1:
-            raise ValueError(f"self-guided: n_eta must be >= 1, got {params.n_eta}")
-        if not 0 <= params.gamma < 1:
-            raise ValueError(f"self-guided: gamma must be in [0, 1), got {params.gamma!r}")
-        check_positive("self-guided", noise_fraction=params.noise_fraction, lr_z=params.lr_z)
-        if params.jitter > 0:
-            raise ValueError("self-guided: jitter is not used (the method perturbs its input by eta); set it to 0")
         super().__init__(problem, params, seed, device)
         # z is learnt with its own learning rate: one Adam over two parameter groups
         self.optimizer = torch.optim.Adam([{"params": list(self.net.parameters())},

@@ -15,14 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from recon.solvers.base import NetworkParams, NetworkSolver, StepOutput
-from recon.solvers.common import DENOISERS, blocks, check_nonnegative, check_positive, geometric, make_denoiser
+from recon.solvers.base import NetworkParams, NetworkSolver, OptionChecks, StepOutput
+from recon.solvers.common import DENOISERS, blocks, geometric, make_denoiser
 
 
 @dataclass
 class BlockParams(NetworkParams):
     inner_steps: int = 10   # N_sub = 10: the CT chapter's code (overeng_rundip.py --num_inner_steps)
     denoiser: str = "nlm"   # tv | nlm | bm3d (the chapter's DRUNet needs trained weights: not used)
+
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.at_least(1, "inner_steps")
+        c.one_of("denoiser", DENOISERS)
 
 
 class BlockSolver(NetworkSolver):
@@ -31,11 +36,6 @@ class BlockSolver(NetworkSolver):
     terms = ("data", "coupling")
 
     def __init__(self, problem, params, seed, device):
-        if params.inner_steps < 1:
-            raise ValueError(f"{self.name}: inner_steps (N_sub) must be >= 1, got {params.inner_steps}")
-        if params.denoiser not in DENOISERS:  # before the network is built
-            raise ValueError(f"{self.name}: unknown denoiser {params.denoiser!r}; "
-                             f"expected one of {', '.join(DENOISERS)}")
         super().__init__(problem, params, seed, device)
         self.target = torch.zeros(problem.image_shape, device=device)  # u^(0) = 0 in Algs. 4-6
 
@@ -91,13 +91,13 @@ class HQSParams(BlockParams):
 
     ALIASES = {"lambda": "lam", "N": "inner_steps", "N_sub": "inner_steps"}
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.positive("alpha_start", "alpha_end")
+        c.nonnegative("lam")
+
 
 class HQSSolver(BlockSolver):
-    def __init__(self, problem, params, seed, device):
-        check_positive(self.name, alpha_start=params.alpha_start, alpha_end=params.alpha_end)
-        check_nonnegative(self.name, lam=params.lam)
-        super().__init__(problem, params, seed, device)
-
     def alpha(self, block: int) -> float:
         p = self.params
         total = getattr(self, "total_steps", None) or self.default_steps
@@ -125,12 +125,16 @@ class ADMMParams(BlockParams):
 
     ALIASES = {"N": "inner_steps", "N_sub": "inner_steps", "rho": "beta"}
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.nonnegative("beta")
+        c.positive("strength", optional=True)
+
 
 class ADMMSolver(BlockSolver):
     """Alg. 6: coupling beta/2 ||f(z) - u + mu||^2; u = D(x + mu), mu += x - u per block."""
 
     def __init__(self, problem, params, seed, device):
-        check_nonnegative(self.name, beta=params.beta)
         super().__init__(problem, params, seed, device)
         self.denoise = make_denoiser(params.denoiser, params.strength, self.name)
         self.u = torch.zeros(problem.image_shape, device=device)

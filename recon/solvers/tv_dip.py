@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recon.solvers import register
-from recon.solvers.base import NetworkParams, NetworkSolver
-from recon.solvers.common import check_nonnegative, check_positive, tv_norm
+from recon.solvers.base import NetworkParams, NetworkSolver, OptionChecks
+from recon.solvers.common import tv_norm
 from recon.solvers.splitting import HQSParams, HQSSolver
 
 
@@ -23,6 +23,11 @@ class TVDIPParams(NetworkParams):
     # and changes TV by at most eps per pixel (not in the papers, which rely on autograd's subgradient).
     tv_eps: float = 1e-6
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.nonnegative("alpha")
+        c.positive("tv_eps")
+
 
 @register
 class TVDIP(NetworkSolver):
@@ -31,12 +36,6 @@ class TVDIP(NetworkSolver):
     name = "tv-dip"
     Params = TVDIPParams
     terms = ("data", "tv")
-
-    def __init__(self, problem, params, seed, device):
-        check_nonnegative("tv-dip", alpha=params.alpha)
-        check_positive("tv-dip", tv_eps=params.tv_eps)
-        super().__init__(problem, params, seed, device)
-
     packable = True
 
     def objective(self, x):
@@ -49,6 +48,10 @@ class TVDIP(NetworkSolver):
 class TVDIPHQSParams(HQSParams):
     denoiser: str = "tv"  # u = prox_{alpha_k TV}(f(z)): Alg. 4 line 9
 
+    def check(self, c: OptionChecks) -> None:
+        super().check(c)
+        c.one_of("denoiser", ("tv",), " (dip-denoiser-hqs takes the others)")
+
 
 @register
 class TVDIPHQS(HQSSolver):
@@ -57,10 +60,4 @@ class TVDIPHQS(HQSSolver):
 
     name = "tv-dip-hqs"
     Params = TVDIPHQSParams
-
-    def __init__(self, problem, params, seed, device):
-        if params.denoiser != "tv":
-            raise ValueError(f"tv-dip-hqs: denoiser must be 'tv' (use dip-denoiser-hqs for "
-                             f"{params.denoiser!r})")
-        super().__init__(problem, params, seed, device)
 
