@@ -5,7 +5,7 @@
 
 1. builds a store with the driver's own `pipeline.store.create_store` (per-job chunks, as a real
    cohort has them: one file per job and array) and fills it with synthetic DIP-like curves,
-   written in blocks of 256 jobs by 2 processes (workers would write one job at a time; the
+   written in blocks of 1,024 jobs (a ledger column chunk each) by 2 processes (workers would write one job at a time; the
    files on disk are the same);
 2. runs the aggregation in a fresh Python process and prints its wall time and peak resident
    memory: ru_maxrss of that process and of its largest child, and the peak of the summed RSS
@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-BLOCK = 256
+from pipeline.store import LEDGER_BLOCK as BLOCK  # noqa: E402 - each writer owns whole ledger column chunks
 GOALS_S = {10_000: 60, 100_000: 300}   # wall-time goals on 2 cores: issue 3 (10,000 jobs), issue 9 (100,000)
 
 

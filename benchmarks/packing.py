@@ -21,8 +21,8 @@ says whether it is met. Repeats alternate the modes, so on a shared machine each
 forms apply) as grouped convolutions in one module vs torch.func vmap over stacked modules.
 --compile: the same packed step with the vmapped forward under torch.compile, vs eager.
 
-Measured here (2 cores shared, load average 3.2, 20 steps, skip-small): 32 px, B = 8: dip packed
-125.8 job-steps/s vs 63.2 one after another (1.99x), aseqdip 99.5 vs 59.5 (1.67x); B = 1: equal.
+Measured here (`--goal`, 2 cores shared, load average 2.5-3.3, 200 steps, skip-small): 32 px,
+B = 8: dip packed 145.9 job-steps/s vs 69.9 one after another (2.09x), aseqdip 107.2 vs 54.7 (1.96x).
 """
 from __future__ import annotations
 
@@ -283,8 +283,9 @@ def main() -> None:
     if args.goal:
         args.solvers, args.sizes, args.packs = "dip,aseqdip", "32", "8"
         args.modes, args.repeats = "packed,sequential", max(3, args.repeats)
-        # a job's set-up (its network built, its problem moved) is timed in both modes; at 20 steps
-        # it is ~7 % of the time, at a scan's 4,000 steps nothing: 200 steps measure the steady rate
+        # a job's set-up (~27 ms: its network built, its problem moved) is timed in both modes; at
+        # 20 steps it is ~1/6 of the packed time (1/10 of the sequential), at a scan's 4,000 steps
+        # nothing: 200 steps measure the rate a scan sees
         args.steps = args.steps or 200
     args.steps = args.steps or 20
     args.solvers = args.solvers.split(",")
