@@ -330,6 +330,8 @@ def consolidate(path: str | Path) -> None:
     """Rewrite the root's consolidated metadata (after creating or changing any group or array)."""
     with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        # the staging directory of a compaction (`pipeline.compaction`), not a node: rightly skipped
+        warnings.filterwarnings("ignore", message=r"Object at \.rebuild is not recognized")
         zarr.consolidate_metadata(str(path))
 
 
@@ -484,17 +486,22 @@ def git_commit() -> str | None:
 def estimate(jobs: Sequence[Job], groups: dict[str, ImageShape], n_metrics: int) -> dict[str, int]:
     """Uncompressed bytes and file count of a store for these jobs (an upper bound: zstd shrinks it).
 
-    files: after a run, its ledger settled; files_per_job: the data chunks each job writes
-    (metrics, summary, images); while it runs a job has one more, its ledger entry."""
+    files: after a run, its ledger settled and its data compacted (`pipeline.compaction`: a shard
+    of LEDGER_BLOCK jobs per data array); files_uncompacted: the same before compaction (and
+    after a run stopped by a signal, until the next run compacts); files_per_job: the data
+    chunks each job writes while it runs (metrics, summary, images), plus its ledger entry."""
     steps = max(job.steps for job in jobs)
     per_job = {name: n_metrics * steps * 4 + len(SUMMARY_FIELDS) * 8 + 64 for name in groups}
     nbytes = sum(per_job[j.image_group] + groups[j.image_group].image_bytes() for j in jobs)
     files_per_job = 2 + len(IMAGE_ARRAYS)
     labels = 1 + len(LABELS)
-    ledger_chunks = len(LEDGER) * math.ceil(len(jobs) / LEDGER_BLOCK)
-    fixed = (5 + len(LEDGER) + 1 + ledger_chunks + 2 * (labels + len(COORDS) + len(INT_COORDS))
+    blocks = lambda n: math.ceil(n / LEDGER_BLOCK)  # noqa: E731 - chunks (or shards) of LEDGER_BLOCK jobs
+    fixed = (5 + len(LEDGER) + 1 + len(LEDGER) * blocks(len(jobs)) + 2 * (labels + len(COORDS) + len(INT_COORDS))
              + 2 * (labels + 4) + len(groups) * (1 + labels + 1 + len(IMAGE_ARRAYS)) * 2)
-    return {"bytes": int(nbytes), "files": len(jobs) * files_per_job + fixed, "files_per_job": files_per_job}
+    shards = 2 * blocks(len(jobs)) + len(IMAGE_ARRAYS) * sum(
+        blocks(sum(j.image_group == name for j in jobs)) for name in groups)
+    return {"bytes": int(nbytes), "files": shards + fixed, "files_uncompacted": len(jobs) * files_per_job + fixed,
+            "files_per_job": files_per_job}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,8 +665,24 @@ def remove_store(path: str | Path) -> None:
 # reading chunks by job, naming the job and chunk of any that cannot be read
 # ---------------------------------------------------------------------------------------------
 def chunk_name(arr: zarr.Array, row: int) -> str:
-    """The store path of the chunk holding `row` of an array chunked by job (whole in the other dimensions)."""
-    return f"{arr.path}/{arr.metadata.encode_chunk_key((row // arr.chunks[0],) + (0,) * (arr.ndim - 1))}"
+    """The store path of the file holding `row` of an array chunked by job (whole in the other
+    dimensions): its chunk, or on a compacted (sharded) array its shard."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((row // _file_rows(arr),) + (0,) * (arr.ndim - 1))}"
+
+
+def _file_rows(arr: zarr.Array) -> int:
+    """Rows per file: the shard's on a compacted array (`pipeline.compaction`), else the chunk's."""
+    return (arr.shards or arr.chunks)[0]
+
+
+def chunk_label(arr: zarr.Array, row: int) -> str:
+    """The file holding `row` as messages name it: 'chunk PATH', or for a shard 'shard PATH
+    (rows a-b: the jobs it holds)', since damage to it is damage to each of those jobs."""
+    if arr.shards is None:
+        return f"chunk {chunk_name(arr, row)}"
+    a = row // arr.shards[0] * arr.shards[0]
+    b = min(a + arr.shards[0], arr.shape[0]) - 1
+    return f"shard {chunk_name(arr, row)} (rows {a}-{b} of {arr.path}: the {b - a + 1} jobs it holds)"
 
 
 def chunk_file(root: zarr.Group, arr: zarr.Array, row: int) -> Path | None:
@@ -686,7 +709,7 @@ def read_rows(arr: zarr.Array, a: int, b: int) -> tuple[np.ndarray, dict[int, st
         try:
             out[i - a] = arr[i]
         except Exception as err:  # noqa: BLE001
-            bad[i] = f"chunk {chunk_name(arr, i)} cannot be decoded ({type(err).__name__}: {err})"
+            bad[i] = f"{chunk_label(arr, i)} cannot be decoded ({type(err).__name__}: {err})"
     return out, bad
 
 
@@ -1044,17 +1067,17 @@ def job_parts(root: zarr.Group, index: int, image_group: str, image_index: int) 
 def part_problem(root: zarr.Group, arr: zarr.Array, row: int, expected: str, values=None) -> str | None:
     """What is wrong with one chunk a finished job wrote (None: it matches its checksum).
     `values`: the row already read (the aggregation reads blocks of jobs)."""
-    name = chunk_name(arr, row)
+    name = chunk_label(arr, row)
     path = chunk_file(root, arr, row)
     if path is not None and not path.is_file():
-        return f"chunk {name} is missing"
+        return f"{name} is missing"
     if values is None:
         try:
             values = arr[row]
         except Exception as err:  # noqa: BLE001 - garbage bytes, truncated file
-            return f"chunk {name} cannot be decoded ({type(err).__name__}: {err})"
+            return f"{name} cannot be decoded ({type(err).__name__}: {err})"
     if data_digest(values) != expected:
-        return f"chunk {name} does not match the job's checksum"
+        return f"{name} does not match the job's checksum" + (" (its inner chunk of this job)" if arr.shards else "")
     return None
 
 
@@ -1130,12 +1153,12 @@ class JobWriter:
             if name in names:
                 n = min(len(values), block.shape[1])
                 block[names.index(name), :n] = np.asarray(values[:n], dtype=np.float32)
-        arr[self.i] = block
+        _per_job(arr)[self.i] = block
         self.digests["metrics"] = data_digest(block)
 
     def summary(self, values: dict[str, float]) -> None:
         row = np.array([float(values.get(f, np.nan)) for f in SUMMARY_FIELDS], dtype=np.float64)
-        self.root[SUMMARY][VALUES][self.i] = row
+        _per_job(self.root[SUMMARY][VALUES])[self.i] = row
         self.digests["summary"] = data_digest(row)
 
     def images(self, **images: np.ndarray | None) -> None:
@@ -1153,7 +1176,7 @@ class JobWriter:
             if image.shape != arr.shape[1:]:
                 raise ValueError(f"image {name!r} of job {self.job.job_id} has shape {image.shape}; "
                                  f"the store's group {self.job.image_group!r} expects {arr.shape[1:]}")
-            arr[self.job.image_index] = image
+            _per_job(arr)[self.job.image_index] = image
             self.digests[f"images/{name}"] = data_digest(image)
 
     def finish(self, status: str, runtime_s: float, error: str = "", device: str | None = None) -> None:
@@ -1161,6 +1184,15 @@ class JobWriter:
         where = {} if device is None else {"device": device}
         self._write(runtime_s=float(runtime_s), error=error, **where, status=STATUS_CODES[status],
                     checksum=json.dumps(self.digests, sort_keys=True) if status in FINISHED else "")
+
+
+def _per_job(arr: zarr.Array) -> zarr.Array:
+    """`arr`, refused when compacted: a worker writing a shard rewrites its other jobs' rows,
+    and two at once lose one's (the driver expands arrays before it runs their jobs)."""
+    if arr.shards is not None:
+        raise StoreError(f"{arr.path} is compacted (shards of {arr.shards[0]} jobs): workers write only arrays "
+                         f"of one chunk per job; run the job through `dipcohort run`, which expands it first")
+    return arr
 
 
 # ---------------------------------------------------------------------------------------------
