@@ -63,6 +63,7 @@ def compact_store(path: str | Path, stream=None) -> list[str]:
     """Rebuild every per-job-chunked data array as a sharded one; returns the arrays rebuilt.
     An array with an undecodable chunk is left as it is (one line on `stream` names it)."""
     path, stream = Path(path), stream or sys.stderr
+    repair(path, stream)                           # a rebuild a killed process left, first
     root = st.open_store(path)
     names = [name for name in data_arrays(root) if not is_sharded(root[name]) and root[name].shape[0]]
     done = []
@@ -85,6 +86,7 @@ def expand_for(path: str | Path, jobs: Sequence[Job]) -> list[str]:
     them runs); returns the arrays rebuilt. StoreError, changing nothing, when one holds an
     undecodable shard with rows of jobs this run does not redo (expanding would drop them)."""
     path = Path(path)
+    repair(path)
     root = st.open_store(path)
     todo = {name: rows for name, rows in _rows_written(root, jobs).items() if is_sharded(root[name])}
     with _staging(path, EXPAND) as built:
@@ -125,7 +127,6 @@ def _rows_written(root: zarr.Group, jobs: Sequence[Job]) -> dict[str, set[int]]:
 def _staging(path: Path, direction: str):
     """Yields a list to fill with the arrays built in staging; then swaps them in, rewrites
     the consolidated metadata and removes staging. An exception discards what was built."""
-    repair(path)                                   # a rebuild a killed process left, first
     (path / STAGING).mkdir()                       # before any build: `repair` then knows to look
     built: list[str] = []
     try:
@@ -227,6 +228,14 @@ def repair(path: str | Path, stream=None) -> list[str]:
     for line in lines:
         print(f"repaired an interrupted {STAGING[1:]} of {path}: {line}", file=stream or sys.stderr)
     return lines
+
+
+def missing_arrays(path: Path, root: zarr.Group) -> list[str]:
+    """The data arrays absent from the store: only ever those the two-rename fallback was
+    swapping when its process was killed (cheap when nothing was: one stat)."""
+    if not (path / STAGING).is_dir():
+        return []
+    return [name for name in data_arrays(root) if not (path / name / "zarr.json").is_file()]
 
 
 def _staged_names(path: Path, direction: str) -> list[str]:

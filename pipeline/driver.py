@@ -65,7 +65,10 @@ def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: b
 
 
 def _open_or_create(out: Path, manifest, check, stream) -> list[Job]:
+    from pipeline import compaction
+
     if _is_store(out):
+        compaction.repair(out, stream)  # a rebuild a killed driver left: finished or discarded first
         jobs = _reopen(out, manifest)
         print(f"resuming {out} ({len(jobs)} jobs of cohort {manifest.cohort!r})", file=stream)
         return jobs
@@ -74,13 +77,11 @@ def _open_or_create(out: Path, manifest, check, stream) -> list[Job]:
 
 def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str, stream, stopping,
          pack: int | str | None = None) -> dict[str, int]:
-    from pipeline import compaction
     from pipeline import store as st
     from pipeline.lease import clear_stop
     from pipeline.progress import make_progress
     from pipeline.worker import run_job
 
-    compaction.repair(out, stream)  # a rebuild a killed driver left: finished or discarded first
     root = st.open_store(out)
     todo = st.jobs_to_run(root, jobs, retry_failed=retry_failed)
     if any(not j.image_group for j in todo):

@@ -49,7 +49,8 @@ array it expands that array back to one chunk per job (workers never write shard
 `JobWriter` refuses). Each rebuild is built beside the store's tree in `.rebuild/` and swapped in
 by a directory exchange; a killed driver leaves every array whole, and the next one repairs.
 A damaged shard is damage to each of its jobs: messages name the shard file and its rows
-(`chunk_label`). Measured (24 jobs of 32 px, one image group): {MEASURED}
+(`chunk_label`). Measured (100 jobs of 32 px, one image group, 10 steps): 606 files in the store
+before compaction (6.1 a job), 111 after (1.1 a job, almost all of them fixed metadata).
 """
 from __future__ import annotations
 
@@ -586,7 +587,17 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         raise StoreError(f"{path}: store layout {version} was written by another dipcohort version; this one "
                          f"reads layouts {', '.join(map(str, READABLE_LAYOUTS))} only: run the manifest again "
                          f"into a new --out")
+    _refuse_a_half_swap(path, root)
     return _add_missing_ledger_fields(path, root, mode)
+
+
+def _refuse_a_half_swap(path: Path, root: zarr.Group) -> None:
+    from pipeline.compaction import missing_arrays
+
+    missing = missing_arrays(path, root)
+    if missing:
+        raise StoreError(f"{path}: {missing[0]} is being swapped by an interrupted compaction (its new copy is "
+                         f"complete in {path}/.rebuild); run `dipcohort run` on this store again, which finishes it")
 
 
 def _not_a_store(path: Path) -> str:
