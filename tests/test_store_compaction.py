@@ -186,14 +186,25 @@ def _own_layouts(out) -> dict[str, bool]:
     return {name: own[name].shards is not None for name in cp.data_arrays(own)}
 
 
-def test_verify_names_a_damaged_shard_and_its_jobs_and_readers_say_so(cohort, tmp_path):
+def _damage(store, name: str, row: int) -> zarr.Array:
+    """Garbage in the file holding `row` of array `name` (its chunk, or its shard); the array."""
+    root = st.open_store(store)
+    arr = root[name]
+    st.chunk_file(root, arr, row).write_bytes(b"\x00garbage\xff" * 8)
+    return arr
+
+
+def test_verify_names_a_damaged_shard_and_its_jobs_and_readers_say_so(cohort, tmp_path, capsys):
+    from dipcohort.cli import main
     from pipeline.query import open_images, open_results
 
     manifest, reference, out = cohort
     out = _copy(out, tmp_path)
+    arr = _damage(out, f"{st.IMAGES}/c1_32x32/final", 0)
     root = st.open_store(out)
-    arr = root[f"{st.IMAGES}/c1_32x32/final"]
-    st.chunk_file(root, arr, 0).write_bytes(b"\x00garbage\xff" * 8)
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert f"shard {st.chunk_name(arr, 0)}" in printed and "the 24 jobs it holds" in printed
     damaged = verify_store(out).damaged
     assert len(damaged) == len(SEEDS) * len(sc.SCANS)                # the shard holds every job of this cohort
     why = damaged[0].problems[0]
@@ -212,9 +223,7 @@ def test_verify_names_a_damaged_shard_and_its_jobs_and_readers_say_so(cohort, tm
 def test_a_damaged_chunk_keeps_its_array_uncompacted(cohort, tmp_path):
     manifest, reference, out = cohort
     out = _copy(reference, tmp_path)
-    root = st.open_store(out)
-    arr = root[f"{st.SUMMARY}/{st.VALUES}"]
-    st.chunk_file(root, arr, 3).write_bytes(b"\x00garbage\xff" * 8)
+    _damage(out, f"{st.SUMMARY}/{st.VALUES}", 3)
     stream = io.StringIO()
     done = cp.compact_store(out, stream)
     assert f"{st.SUMMARY}/{st.VALUES}" not in done and "not compacted" in stream.getvalue()
