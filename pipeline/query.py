@@ -87,9 +87,9 @@ def _damaged(store, ids: np.ndarray, bad: dict[int, str]) -> StoreError:
 
 
 class _LiveRows:
-    """A per-job array (metrics, images; `ids`: the job of each row) for Dask (`da.from_array`): a block that cannot be decoded
-    raises StoreError naming its job and chunk when it is computed, instead of the decoder's
-    traceback from inside Dask."""
+    """A per-job array (metrics, images; `ids`: the job of each row) for Dask (`da.from_array`):
+    a block that cannot be decoded raises StoreError naming its job and chunk (or shard) when it
+    is computed, instead of the decoder's traceback from inside Dask."""
 
     def __init__(self, arr: zarr.Array, store, ids: np.ndarray):
         self.arr, self.store, self.ids = arr, str(store), ids
