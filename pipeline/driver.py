@@ -131,7 +131,12 @@ def _expand(out: Path, todo: list[Job], stream) -> None:
     """The compacted arrays `todo` write made one chunk per job again, before any worker starts."""
     from pipeline import compaction
 
-    expanded = compaction.expand_for(out, todo)
+    try:
+        expanded = compaction.expand_for(out, todo)
+    except OSError as err:             # e.g. no space for the copy: every array stays whole, nothing is lost
+        raise UsageError(f"{out}: could not expand the compacted arrays this run's jobs write ({err}); no job ran "
+                         f"and no result was lost: free space (or fix the file system) and run the same command "
+                         f"again") from None
     if expanded:
         print(f"expanded {len(expanded)} compacted array(s) to one chunk per job for this run's jobs "
               f"(compacted again when the run ends)", file=stream)

@@ -229,3 +229,25 @@ def test_a_damaged_chunk_keeps_its_array_uncompacted(cohort, tmp_path):
     assert f"{st.SUMMARY}/{st.VALUES}" not in done and "not compacted" in stream.getvalue()
     assert _sharded(out)[f"{st.METRICS}/{st.VALUES}"] and not _sharded(out)[f"{st.SUMMARY}/{st.VALUES}"]
     assert [d.row for d in verify_store(out).damaged] == [3]
+
+
+def test_no_space_to_expand_stops_the_run_before_any_job_and_loses_nothing(cohort, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.errors import UsageError
+
+    manifest, reference, out = cohort
+    out = _copy(out, tmp_path)
+    st.mark(out, [1], "pending")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cp, "build", full)
+    with pytest.raises(UsageError, match="could not expand.*no job ran"):
+        _run(manifest, out)
+    monkeypatch.undo()
+    assert all(_sharded(out).values()) and not (out / cp.STAGING).exists()
+    _assert_whole(out, reference)
+    assert set(_run(manifest, out)) == {"done"}
+    sc.assert_same_results(out, reference)
