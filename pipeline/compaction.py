@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import zarr
 
 from pipeline import store as st
@@ -157,13 +158,40 @@ def build(path: Path, name: str, direction: str, rewritten: set[int] = frozenset
     dst = zarr.create_array(str(target), shape=src.shape, chunks=(1, *rest), shards=shards, dtype=src.dtype,
                             fill_value=src.fill_value, dimension_names=src.metadata.dimension_names,
                             attributes=dict(src.attrs))
+    write = _job_chunk_writer(dst) or dst.__setitem__
     for a, b in _copy_blocks(dst):
         values, bad = st.read_rows(src, a, b)
         lost = {row: why for row, why in bad.items() if row not in rewritten}
         if lost:
             row, why = next(iter(lost.items()))
             raise Undecodable(f"{len(lost)} row(s) cannot be decoded (row {row}: {why})")
-        dst[a:b] = values
+        write(slice(a, b), values)
+
+
+def _job_chunk_writer(dst: zarr.Array):
+    """For an array of one chunk per job in the layout `pipeline.store._job_chunk_codecs` reads,
+    a writer of rows that encodes each chunk file itself with the codecs zarr would call (~2 ms
+    a chunk through zarr, ~0.1 ms here: an expansion writes one file per job and array); None
+    for any other array (zarr writes it). Rows equal to the fill value are not written, as zarr
+    does not write them."""
+    from numcodecs import Zstd
+
+    codecs = st._job_chunk_codecs(dst)
+    if codecs is None or codecs[0] != "numbers" or dst.metadata.codecs[1].level != 0:
+        return None
+    zstd, dtype = Zstd(level=0), codecs[1]
+    folder = Path(str(dst.store.root)) / dst.path
+    tail = (0,) * (dst.ndim - 1)
+
+    def write(rows: slice, values) -> None:
+        for k, row in enumerate(range(rows.start, rows.stop)):
+            value = values[k]
+            if np.array_equal(value, np.full_like(value, dst.fill_value), equal_nan=dst.dtype.kind == "f"):
+                continue
+            path = folder / dst.metadata.encode_chunk_key((row,) + tail)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(zstd.encode(np.ascontiguousarray(value, dtype=dtype).tobytes()))
+    return write
 
 
 def _copy_blocks(arr: zarr.Array) -> list[tuple[int, int]]:

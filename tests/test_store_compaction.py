@@ -251,3 +251,19 @@ def test_no_space_to_expand_stops_the_run_before_any_job_and_loses_nothing(cohor
     _assert_whole(out, reference)
     assert set(_run(manifest, out)) == {"done"}
     sc.assert_same_results(out, reference)
+
+
+def test_the_expansion_writes_job_chunks_as_zarr_would(cohort, tmp_path):
+    manifest, reference, out = cohort
+    src = zarr.open_array(str(out / st.IMAGES / "c1_32x32" / "final"), mode="r")
+    values = src[:]
+    values[3] = np.nan                                        # a row of fill values: no file, as zarr writes it
+    arrays = {}
+    for how in ("fast", "zarr"):
+        arr = zarr.create_array(str(tmp_path / how), shape=src.shape, chunks=(1, *src.shape[1:]), dtype=src.dtype,
+                                fill_value=src.fill_value)
+        write = cp._job_chunk_writer(arr) if how == "fast" else arr.__setitem__
+        write(slice(0, src.shape[0]), values)
+        arrays[how] = sorted(p.relative_to(tmp_path / how).as_posix() for p in (tmp_path / how).rglob("c/*/*/*/*"))
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / how), mode="r")[:], values)
+    assert arrays["fast"] == arrays["zarr"] and len(arrays["fast"]) == src.shape[0] - 1
