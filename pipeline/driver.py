@@ -65,7 +65,10 @@ def run_cohort(manifest_path: str | Path, out: str | Path, backend, *, resume: b
 
 
 def _open_or_create(out: Path, manifest, check, stream) -> list[Job]:
+    from pipeline import compaction
+
     if _is_store(out):
+        compaction.repair(out, stream)  # a rebuild a killed driver left: finished or discarded first
         jobs = _reopen(out, manifest)
         print(f"resuming {out} ({len(jobs)} jobs of cohort {manifest.cohort!r})", file=stream)
         return jobs
@@ -84,6 +87,7 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
     if any(not j.image_group for j in todo):
         todo = _place_late(out, todo, stream)
     print(f"{len(todo)} of {len(jobs)} jobs to run on backend {backend.name}", file=stream)
+    _expand(out, todo, stream)
     units = _units(jobs, todo, pack, backend.device, stream)
     clear_stop(out)  # a stop request left by a driver that was killed while stopping
     reporter = make_progress(progress)
@@ -119,7 +123,39 @@ def _run(out: Path, jobs: list[Job], backend, retry_failed: bool, progress: str,
                          f"what was done is kept")
     if not backend.detached:
         settle_ledger(out, stream)
+        compact_data(out, stream)
     return summarize(out, stream, elapsed=time.monotonic() - t0)
+
+
+def _expand(out: Path, todo: list[Job], stream) -> None:
+    """The compacted arrays `todo` write made one chunk per job again, before any worker starts."""
+    from pipeline import compaction
+
+    try:
+        expanded = compaction.expand_for(out, todo)
+    except OSError as err:             # e.g. no space for the copy: every array stays whole, nothing is lost
+        raise UsageError(f"{out}: could not expand the compacted arrays this run's jobs write ({err}); no job ran "
+                         f"and no result was lost: free space (or fix the file system) and run the same command "
+                         f"again") from None
+    if expanded:
+        print(f"expanded {len(expanded)} compacted array(s) to one chunk per job for this run's jobs "
+              f"(compacted again when the run ends)", file=stream)
+
+
+def compact_data(out: Path, stream) -> None:
+    """Rebuild the per-job data arrays as shards of LEDGER_BLOCK jobs (`pipeline.compaction`):
+    after `settle_ledger`, on a run's normal end (a stopped run is compacted by the next one).
+    A failure (e.g. no space for the copy) leaves the arrays as they were, which stay readable."""
+    from pipeline import compaction
+
+    try:
+        compaction.compact_store(out, stream)
+    except OSError as err:
+        try:
+            compaction.repair(out, stream)
+        except OSError:
+            pass               # the next run repairs it
+        print(f"warning: {out}: the data were not compacted ({err}); the next run does it", file=stream)
 
 
 def settle_ledger(out: Path, stream) -> None:
@@ -379,9 +415,10 @@ def dry_run(manifest_path: str | Path, out: str | Path, stream=None, pack: int |
         est = st.estimate(placed, groups, len(st.metric_names_for(c.solver for c in manifest.configs)))
         print(f"image groups: {', '.join(f'{k} ({sum(j.image_group == k for j in placed)} jobs)' for k in groups)}",
               file=stream)
-        print(f"storage estimate: {_bytes(est['bytes'])} uncompressed (upper bound), {est['files']} files "
-              f"({est['files_per_job']} per job; while a job runs, one more: its ledger entry, folded into the "
-              f"ledger's columns when the run ends)", file=stream)
+        print(f"storage estimate: {_bytes(est['bytes'])} uncompressed (upper bound); files: "
+              f"{est['files_uncompacted']} while jobs run ({est['files_per_job']} per job, and one more while it runs: "
+              f"its ledger entry), {est['files']} once the run ends (entries folded into the ledger's columns, "
+              f"data compacted into shards of {st.LEDGER_BLOCK} jobs)", file=stream)
         _print_work_files(out, len(jobs), est, stream)
         _print_packing(placed, placed if todo is None else todo, pack, device, stream)
     print("dry run: nothing written", file=stream)
@@ -408,8 +445,10 @@ def _print_work_files(out: Path, n_jobs: int, est: dict, stream) -> None:
           f"log per array task instead, in slurm/ with its sbatch file per array and 2 submitit pickles per "
           f"task while it is queued, removed after), checkpoints/<job>.pt (one per running job, removed "
           f"when it ends), driver.lease, stop", file=stream)
-    total = est["files"] + work
-    print(f"files in all after a run: at most {total} ({total / max(1, n_jobs):.1f} per job)", file=stream)
+    total, n = est["files"] + work, max(1, n_jobs)
+    print(f"files in all after a run: at most {total} ({total / n:.1f} per job): the store {est['files']} "
+          f"({est['files'] / n:.2f} per job; before compaction {est['files_uncompacted']}, "
+          f"{est['files_uncompacted'] / n:.2f} per job), work files {work}", file=stream)
 
 
 def _print_resources(manifest, stream) -> None:

@@ -87,9 +87,9 @@ def _damaged(store, ids: np.ndarray, bad: dict[int, str]) -> StoreError:
 
 
 class _LiveRows:
-    """The per-job metrics array for Dask (`da.from_array`): a block that cannot be decoded
-    raises StoreError naming its job and chunk when it is computed, instead of the decoder's
-    traceback from inside Dask."""
+    """A per-job array (metrics, images; `ids`: the job of each row) for Dask (`da.from_array`):
+    a block that cannot be decoded raises StoreError naming its job and chunk (or shard) when it
+    is computed, instead of the decoder's traceback from inside Dask."""
 
     def __init__(self, arr: zarr.Array, store, ids: np.ndarray):
         self.arr, self.store, self.ids = arr, str(store), ids
@@ -192,9 +192,10 @@ def _images(root: zarr.Group, store, name: str) -> xr.Dataset:
     rows = g["job_index"][:]
     keep = np.flatnonzero(rows >= 0)          # -1: a job placed again in a later group
     data = {}
+    ids = _image_row_ids(coords[st.JOB], rows)
     for arr in st.IMAGE_ARRAYS:
         cdim = "display_channel" if arr in st.DISPLAY_IMAGES else "channel"
-        data[arr] = (("job", cdim, "y", "x"), da.from_zarr(g[arr], chunks=g[arr].chunks)[keep],
+        data[arr] = (("job", cdim, "y", "x"), _image_rows(g[arr], store, ids)[keep],
                      {"long_name": st.LONG_NAMES[arr]})
     rows = rows[keep]
     job_coords = {RENAMED.get(k, k): ("job", v[rows]) for k, v in coords.items() if k != st.JOB}
@@ -222,13 +223,25 @@ def load_image(store: str | Path, job_id: str, which: str = "final", display: bo
     if which not in g:
         raise KeyError(f"image {which!r}: expected one of {', '.join(sorted(g.array_keys()))}")
     arr = g[which]
-    image = da.from_zarr(arr, chunks=arr.chunks)[int(coords["image_index"][i])]
+    image = _image_rows(arr, store, _image_row_ids(coords[st.JOB], g["job_index"][:]))[int(coords["image_index"][i])]
     cdim = "display_channel" if which in st.DISPLAY_IMAGES else "channel"
     out = xr.DataArray(image, dims=(cdim, "y", "x"), name=which,
                        attrs={"job_id": job_id, "image_group": name,
                               **{k: _scalar(coords[k][i]) for k in ("scan_id", "task", "solver", "config", "seed")
                                  if k in coords}})
     return display_image(out) if display else out
+
+
+def _image_row_ids(ids: np.ndarray, job_index: np.ndarray) -> np.ndarray:
+    """The job id of each row of an image group ('' where a row's job moved to a later group)."""
+    return np.array([str(ids[r]) if r >= 0 else "" for r in job_index], dtype=object)
+
+
+def _image_rows(arr: zarr.Array, store, ids: np.ndarray) -> da.Array:
+    """An image array for Dask, one job per block (its chunk, or its inner chunk of a shard); a
+    block that cannot be decoded raises StoreError naming its job and file (`_LiveRows`)."""
+    return da.from_array(_LiveRows(arr, store, ids), chunks=arr.chunks, name=False, asarray=False, fancy=False,
+                         meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
 
 
 def display_image(image: xr.DataArray) -> xr.DataArray:

@@ -15,13 +15,16 @@ root `zarr.json` (rewritten after every metadata change).
                            chunks of LEDGER_BLOCK jobs written only by the driver (`settle`); entry:
                            each job's live ledger entry (JSON of those fields), one chunk (file) per
                            job, the only ledger file a worker writes
-      metrics/ values (job, metric, step) float32, chunk (1, M, S), fill NaN; coordinates job,
+      metrics/ values (job, metric, step) float32, chunk (1, M, S) (after a run: shards of
+                           LEDGER_BLOCK jobs of such chunks, see below), fill NaN; coordinates job,
                            metric (names), metric_units, step and the job labels; attrs
                            metric_definitions (JSON text {task: definition of psnr, ssim, ...})
-      summary/ values (job, field) float64, chunk (1, F), fill NaN; coordinates field, field_units
+      summary/ values (job, field) float64, chunk (1, F) (after a run: sharded), fill NaN; coordinates
+                           field, field_units
       images/<c{C}_{H}x{W}>/  final early_stopped ema (job, channel, y, x), reference degraded
-                           (job, display_channel, y, x) float32, chunk one image; job_index (job)
-                           points at the job's row of `jobs`
+                           (job, display_channel, y, x) float32, chunk one image (after a run:
+                           sharded); job_index (job) points at the job's row of `jobs`
+      .rebuild/            only while the driver compacts or expands (`pipeline.compaction`)
       aggregate/           written by pipeline.aggregate
 
 The driver creates every group and array before a worker starts (`create_store`, which builds
@@ -37,6 +40,17 @@ it removes an entry, so a reader never misses a value; a driver killed mid-settl
 entries, which still win. Late image groups (`place_late_jobs`)
 are new groups: arrays other workers write are never resized. Paths in the store are relative to
 it; logs and checkpoints live beside it in `<STORE>.work/`.
+
+The data arrays have two tiers too (`pipeline.compaction`): while jobs run, one chunk file per
+job and array (7 a job: metrics, summary, 5 images); when a run ends the driver, after `settle`,
+rebuilds each as a Zarr v3 sharded array (shards of LEDGER_BLOCK jobs, inner chunks of one job:
+reading one job still decodes one inner chunk), and before a run that writes rows of a compacted
+array it expands that array back to one chunk per job (workers never write shards:
+`JobWriter` refuses). Each rebuild is built beside the store's tree in `.rebuild/` and swapped in
+by a directory exchange; a killed driver leaves every array whole, and the next one repairs.
+A damaged shard is damage to each of its jobs: messages name the shard file and its rows
+(`chunk_label`). Measured (100 jobs of 32 px, one image group, 10 steps): 606 files in the store
+before compaction (6.1 a job), 111 after (1.1 a job, almost all of them fixed metadata).
 """
 from __future__ import annotations
 
@@ -330,6 +344,8 @@ def consolidate(path: str | Path) -> None:
     """Rewrite the root's consolidated metadata (after creating or changing any group or array)."""
     with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        # the staging directory of a compaction (`pipeline.compaction`), not a node: rightly skipped
+        warnings.filterwarnings("ignore", message=r"Object at \.rebuild is not recognized")
         zarr.consolidate_metadata(str(path))
 
 
@@ -484,17 +500,22 @@ def git_commit() -> str | None:
 def estimate(jobs: Sequence[Job], groups: dict[str, ImageShape], n_metrics: int) -> dict[str, int]:
     """Uncompressed bytes and file count of a store for these jobs (an upper bound: zstd shrinks it).
 
-    files: after a run, its ledger settled; files_per_job: the data chunks each job writes
-    (metrics, summary, images); while it runs a job has one more, its ledger entry."""
+    files: after a run, its ledger settled and its data compacted (`pipeline.compaction`: a shard
+    of LEDGER_BLOCK jobs per data array); files_uncompacted: the same before compaction (and
+    after a run stopped by a signal, until the next run compacts); files_per_job: the data
+    chunks each job writes while it runs (metrics, summary, images), plus its ledger entry."""
     steps = max(job.steps for job in jobs)
     per_job = {name: n_metrics * steps * 4 + len(SUMMARY_FIELDS) * 8 + 64 for name in groups}
     nbytes = sum(per_job[j.image_group] + groups[j.image_group].image_bytes() for j in jobs)
     files_per_job = 2 + len(IMAGE_ARRAYS)
     labels = 1 + len(LABELS)
-    ledger_chunks = len(LEDGER) * math.ceil(len(jobs) / LEDGER_BLOCK)
-    fixed = (5 + len(LEDGER) + 1 + ledger_chunks + 2 * (labels + len(COORDS) + len(INT_COORDS))
+    blocks = lambda n: math.ceil(n / LEDGER_BLOCK)  # noqa: E731 - chunks (or shards) of LEDGER_BLOCK jobs
+    fixed = (5 + len(LEDGER) + 1 + len(LEDGER) * blocks(len(jobs)) + 2 * (labels + len(COORDS) + len(INT_COORDS))
              + 2 * (labels + 4) + len(groups) * (1 + labels + 1 + len(IMAGE_ARRAYS)) * 2)
-    return {"bytes": int(nbytes), "files": len(jobs) * files_per_job + fixed, "files_per_job": files_per_job}
+    shards = 2 * blocks(len(jobs)) + len(IMAGE_ARRAYS) * sum(
+        blocks(sum(j.image_group == name for j in jobs)) for name in groups)
+    return {"bytes": int(nbytes), "files": shards + fixed, "files_uncompacted": len(jobs) * files_per_job + fixed,
+            "files_per_job": files_per_job}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +587,17 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         raise StoreError(f"{path}: store layout {version} was written by another dipcohort version; this one "
                          f"reads layouts {', '.join(map(str, READABLE_LAYOUTS))} only: run the manifest again "
                          f"into a new --out")
+    _refuse_a_half_swap(path, root)
     return _add_missing_ledger_fields(path, root, mode)
+
+
+def _refuse_a_half_swap(path: Path, root: zarr.Group) -> None:
+    from pipeline.compaction import missing_arrays
+
+    missing = missing_arrays(path, root)
+    if missing:
+        raise StoreError(f"{path}: {missing[0]} is being swapped by an interrupted compaction (its new copy is "
+                         f"complete in {path}/.rebuild); run `dipcohort run` on this store again, which finishes it")
 
 
 def _not_a_store(path: Path) -> str:
@@ -658,8 +689,24 @@ def remove_store(path: str | Path) -> None:
 # reading chunks by job, naming the job and chunk of any that cannot be read
 # ---------------------------------------------------------------------------------------------
 def chunk_name(arr: zarr.Array, row: int) -> str:
-    """The store path of the chunk holding `row` of an array chunked by job (whole in the other dimensions)."""
-    return f"{arr.path}/{arr.metadata.encode_chunk_key((row // arr.chunks[0],) + (0,) * (arr.ndim - 1))}"
+    """The store path of the file holding `row` of an array chunked by job (whole in the other
+    dimensions): its chunk, or on a compacted (sharded) array its shard."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((row // _file_rows(arr),) + (0,) * (arr.ndim - 1))}"
+
+
+def _file_rows(arr: zarr.Array) -> int:
+    """Rows per file: the shard's on a compacted array (`pipeline.compaction`), else the chunk's."""
+    return (arr.shards or arr.chunks)[0]
+
+
+def chunk_label(arr: zarr.Array, row: int) -> str:
+    """The file holding `row` as messages name it: 'chunk PATH', or for a shard 'shard PATH
+    (rows a-b: the jobs it holds)', since damage to it is damage to each of those jobs."""
+    if arr.shards is None:
+        return f"chunk {chunk_name(arr, row)}"
+    a = row // arr.shards[0] * arr.shards[0]
+    b = min(a + arr.shards[0], arr.shape[0]) - 1
+    return f"shard {chunk_name(arr, row)} (rows {a}-{b} of {arr.path}: the {b - a + 1} jobs it holds)"
 
 
 def chunk_file(root: zarr.Group, arr: zarr.Array, row: int) -> Path | None:
@@ -686,7 +733,7 @@ def read_rows(arr: zarr.Array, a: int, b: int) -> tuple[np.ndarray, dict[int, st
         try:
             out[i - a] = arr[i]
         except Exception as err:  # noqa: BLE001
-            bad[i] = f"chunk {chunk_name(arr, i)} cannot be decoded ({type(err).__name__}: {err})"
+            bad[i] = f"{chunk_label(arr, i)} cannot be decoded ({type(err).__name__}: {err})"
     return out, bad
 
 
@@ -1044,17 +1091,17 @@ def job_parts(root: zarr.Group, index: int, image_group: str, image_index: int) 
 def part_problem(root: zarr.Group, arr: zarr.Array, row: int, expected: str, values=None) -> str | None:
     """What is wrong with one chunk a finished job wrote (None: it matches its checksum).
     `values`: the row already read (the aggregation reads blocks of jobs)."""
-    name = chunk_name(arr, row)
+    name = chunk_label(arr, row)
     path = chunk_file(root, arr, row)
     if path is not None and not path.is_file():
-        return f"chunk {name} is missing"
+        return f"{name} is missing"
     if values is None:
         try:
             values = arr[row]
         except Exception as err:  # noqa: BLE001 - garbage bytes, truncated file
-            return f"chunk {name} cannot be decoded ({type(err).__name__}: {err})"
+            return f"{name} cannot be decoded ({type(err).__name__}: {err})"
     if data_digest(values) != expected:
-        return f"chunk {name} does not match the job's checksum"
+        return f"{name} does not match the job's checksum" + (" (its inner chunk of this job)" if arr.shards else "")
     return None
 
 
@@ -1130,12 +1177,12 @@ class JobWriter:
             if name in names:
                 n = min(len(values), block.shape[1])
                 block[names.index(name), :n] = np.asarray(values[:n], dtype=np.float32)
-        arr[self.i] = block
+        _per_job(arr)[self.i] = block
         self.digests["metrics"] = data_digest(block)
 
     def summary(self, values: dict[str, float]) -> None:
         row = np.array([float(values.get(f, np.nan)) for f in SUMMARY_FIELDS], dtype=np.float64)
-        self.root[SUMMARY][VALUES][self.i] = row
+        _per_job(self.root[SUMMARY][VALUES])[self.i] = row
         self.digests["summary"] = data_digest(row)
 
     def images(self, **images: np.ndarray | None) -> None:
@@ -1153,7 +1200,7 @@ class JobWriter:
             if image.shape != arr.shape[1:]:
                 raise ValueError(f"image {name!r} of job {self.job.job_id} has shape {image.shape}; "
                                  f"the store's group {self.job.image_group!r} expects {arr.shape[1:]}")
-            arr[self.job.image_index] = image
+            _per_job(arr)[self.job.image_index] = image
             self.digests[f"images/{name}"] = data_digest(image)
 
     def finish(self, status: str, runtime_s: float, error: str = "", device: str | None = None) -> None:
@@ -1161,6 +1208,15 @@ class JobWriter:
         where = {} if device is None else {"device": device}
         self._write(runtime_s=float(runtime_s), error=error, **where, status=STATUS_CODES[status],
                     checksum=json.dumps(self.digests, sort_keys=True) if status in FINISHED else "")
+
+
+def _per_job(arr: zarr.Array) -> zarr.Array:
+    """`arr`, refused when compacted: a worker writing a shard rewrites its other jobs' rows,
+    and two at once lose one's (the driver expands arrays before it runs their jobs)."""
+    if arr.shards is not None:
+        raise StoreError(f"{arr.path} is compacted (shards of {arr.shards[0]} jobs): workers write only arrays "
+                         f"of one chunk per job; run the job through `dipcohort run`, which expands it first")
+    return arr
 
 
 # ---------------------------------------------------------------------------------------------
