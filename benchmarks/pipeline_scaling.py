@@ -117,6 +117,7 @@ def backend_for(name: str, workers: int):
 def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) -> dict:
     import zarr
 
+    from pipeline.compaction import compact_store
     from pipeline.store import settle
     from pipeline.worker import run_job
 
@@ -129,7 +130,8 @@ def measure(name: str, workers: int, manifest: Path, n_jobs: int, base: Path) ->
         wall = time.perf_counter() - t0
     finally:
         close()
-    settle(out)  # the driver's tidying at the end of a run: the ledger entries folded into the columns
+    settle(out)  # the driver's tidying at the end of a run: the ledger entries folded into the columns,
+    compact_store(out)  # and the per-job chunks resharded into one file per 1,024 jobs
     root = zarr.open_group(str(out), mode="r")
     rows = [j.index for j in jobs]
     fields = list(root["summary"]["values"].attrs["summary_fields"])
