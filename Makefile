@@ -10,6 +10,10 @@ install:
 demo: install
 	$(BIN)/dipcohort demo --out demo-results
 
+# two workers (pytest-xdist): the Slurm and Ray tests each run in order on one, files fill the other
+# (tests/conftest.py); TEST_WORKERS=0 runs everything in this one process
+TEST_WORKERS ?= 2
+
 test: install
 	@bash scripts/test-setup.sh
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 tests

@@ -145,8 +145,8 @@ class _Pool:
                     if self.conns[slot] in ready:
                         try:
                             status = self.conns[slot].recv()
-                        except EOFError:  # died right after the job was handed out
-                            self._lost(slot)
+                        except (EOFError, ConnectionResetError):  # died after the job was handed out:
+                            self._lost(slot)                           # a reset if it never read the job
                             continue
                         self.progress.job_finished(self.running.pop(slot), status)
                         self._assign(slot)

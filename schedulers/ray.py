@@ -139,8 +139,9 @@ class RayBackend(Backend):
         1 on a running cluster, whose request for resources is what makes an autoscaler add a node)."""
         from pipeline.errors import UsageError
 
-        if self.cap():
-            return self.cap()
+        cap = self.cap()
+        if cap:
+            return cap
         slots = self._slots(request)
         if slots < 1 and not self.address:
             import ray

@@ -45,6 +45,34 @@ def test_pool_of_two_matches_sequential_and_replaces_a_killed_worker(cohort, tmp
     sc.assert_same_results(out, reference)
 
 
+def test_a_worker_killed_while_starting_is_replaced_and_its_job_run(cohort, tmp_path):
+    """Killed before it read the job handed to it (as a Ctrl-C to the process group can kill a worker
+    still importing): the pipe resets rather than ends, and the pool still replaces the worker."""
+    import os
+    import signal
+    import time
+
+    manifest, reference = cohort
+    out = tmp_path / "pool-start-kill.zarr"
+    jobs = sc.make_store(manifest, out)
+    backend = LocalBackend(device="cpu", workers=2)
+    runner = threading.Thread(target=backend.run, args=(jobs, out, Progress(), run_job))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := [p for p in sc.children_of(os.getpid()) if "multiprocessing.spawn" in sc.cmdline(p)]):
+            assert time.monotonic() < deadline, "no pool worker started"
+            time.sleep(0.005)
+        time.sleep(0.3)   # its job is in the pipe by now, a second before the worker's imports end
+        os.kill(workers[0], signal.SIGKILL)
+    finally:
+        runner.join(timeout=300)
+    assert not runner.is_alive()
+    assert set(sc.statuses(out).values()) == {"done"}
+    assert all("start job" in sc.log_text(out, j.job_id) for j in jobs)
+    sc.assert_same_results(out, reference)
+
+
 def test_job_threads_are_its_cpus_sequential_and_pool(tmp_path):
     """resources.cpus: 2 gives 2 torch threads in the driver process and in pool workers alike
     (recorded in the ledger), the same numbers, and the caller's thread count back afterwards."""
