@@ -16,4 +16,4 @@ TEST_WORKERS ?= 2
 
 test: install
 	@bash scripts/test-setup.sh
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests

@@ -14,7 +14,10 @@ The sequential path stays the reference.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections import Counter, deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,10 +86,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when the driver dies (no-op elsewhere)."""
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
@@ -94,12 +99,32 @@ def _die_with_parent() -> None:
         pass
 
 
+@contextmanager
+def _children_ignore_stop_signals():
+    """Spawn with SIGINT and SIGTERM ignored: a Ctrl-C to the terminal's process group also reaches
+    a worker still importing, which would die printing a KeyboardInterrupt traceback. An ignored
+    signal stays ignored through exec (and Python then installs no handler of its own), while the
+    signal mask does not survive multiprocessing's spawn. Blocked here meanwhile: one that comes
+    in these milliseconds waits, and reaches the driver's handler once it is back."""
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+        yield   # signal handlers can only be set from the main thread (a pool run from a thread: tests)
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _pool_worker(device: str, store_path: str, conn: Any, job_fn: JobFn) -> None:
     """A pool process: run the jobs the driver sends over `conn` until it sends None."""
-    import signal
-
     _die_with_parent()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the driver decides; its jobs stop at a step boundary
+    for sig in STOP_SIGNALS:  # the driver decides; its jobs stop at a step boundary
         signal.signal(sig, signal.SIG_IGN)
     import torch
 
@@ -159,7 +184,8 @@ class _Pool:
         here, there = self.ctx.Pipe()
         proc = self.ctx.Process(target=_pool_worker, name=f"dipcohort-worker-{slot}", daemon=True,
                                 args=(self.devices[slot], self.store_path, there, self.job_fn))
-        proc.start()
+        with _children_ignore_stop_signals():
+            proc.start()
         there.close()  # the child holds its end; EOF on ours then means the child is gone
         self.procs[slot], self.conns[slot] = proc, here
 

@@ -1,16 +1,20 @@
-"""How the suite shares a machine when run in parallel (`make test`: pytest-xdist, `-n 2`).
+"""How the suite shares a machine when run in parallel (`make test`: pytest-xdist, `-n 2 --dist loadfile`).
 
-Tests are handed out a file at a time (`--dist loadgroup`), except two groups that each run on one
-worker, one test after another:
+Tests are handed out a file at a time, except two groups of files that each run on one worker,
+one test after another:
 - slurm: the tests on the one Slurm cluster of scripts/slurm-local.sh; they check which of its two
   nodes ran what, which a second test's tasks would change;
 - ray: the tests that start Ray clusters (several at once would share 2 cores with their raylets).
-Both go out first: they are the longest, and the files fill the other worker meanwhile. Run without
-xdist (`pytest tests/...`), none of this changes anything.
+Both go out first: they are the longest, and the other files fill the other worker meanwhile.
+Run without xdist (`pytest tests/...`), none of this changes anything.
+
+The groups are made by the scheduler below, not by `xdist_group` marks: `--dist loadgroup` of
+pytest-xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads, so its groups are ignored.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,14 +33,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def _group(item: pytest.Item) -> str:
-    module = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid
-    return GROUP_OF.get(module, module)
+def group_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its group's name, else its file."""
+    path = nodeid.split("::", 1)[0]
+    return GROUP_OF.get(Path(path).stem, path)
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the marks
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """For `--dist loadfile` (what `make test` asks for); other modes are xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndGroups(LoadScopeScheduling):
+        """LoadScope with a file as the scope, or a group of files (GROUPS)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return FilesAndGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-    # stable sort: the two groups first (with --no-loadscope-reorder xdist keeps this order)
-    items.sort(key=lambda item: FIRST.index(_group(item)) if _group(item) in FIRST else len(FIRST))
+    # the two groups first, in a stable sort (with --no-loadscope-reorder xdist keeps this order)
+    def rank(item) -> int:
+        group = group_of(item.nodeid)
+        return FIRST.index(group) if group in FIRST else len(FIRST)
+    items.sort(key=rank)

@@ -71,3 +71,29 @@ def test_signal_stops_at_a_step_and_the_rerun_continues(cohort, tmp_path, capsys
     assert all(tries[j] == tries_before[j] + 1 for j in interrupted)
     assert all("resuming from checkpoint" in sc.log_text(out, j) for j in interrupted)
     sc.assert_same_results(out, reference)   # continued from the checkpoint: the numbers of one run
+
+
+def test_ctrl_c_while_pool_workers_start_stops_cleanly(cohort, tmp_path, capsys):
+    """Ctrl-C reaches the pool's workers too: one still importing must not die printing a traceback."""
+    manifest, reference = cohort
+    out = tmp_path / "early.zarr"
+    args = ["run", str(manifest), "--out", str(out), "--device", "cpu", "--progress", "plain"]
+    driver = sc.start_driver(*args, "--workers", "2")
+    try:
+        sc.wait_for(lambda: [p for p in sc.children_of(driver.pid) if "multiprocessing.spawn" in sc.cmdline(p)],
+                    240, "a pool worker to start")
+        time.sleep(0.3)   # it is importing: seconds before it reads its job
+        os.killpg(driver.pid, signal.SIGINT)
+        stdout, stderr = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.count("SIGINT: stopping") == 1, stderr
+    assert "running" not in sc.statuses(out).values()
+    assert not lease_path(out).exists()
+    assert main(args + ["--progress", "quiet"]) == 0   # one command finishes the rest
+    assert set(sc.statuses(out).values()) == {"done"}
+    sc.assert_same_results(out, reference)
