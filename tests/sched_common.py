@@ -7,6 +7,7 @@ the thread count is part of the job.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -171,11 +172,16 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def pool_workers(pid: int) -> list[int]:
+    """The local pool's worker processes started by `pid` (multiprocessing's spawned children)."""
+    return [p for p in children_of(pid) if "multiprocessing.spawn" in cmdline(p)]
+
+
 def kill_a_pool_worker(expected: int = 2) -> int:
     """SIGKILL one of this process's `expected` pool worker processes (they are all busy); its pid."""
     import signal
 
-    workers = [p for p in children_of(os.getpid()) if "multiprocessing.spawn" in cmdline(p)]
+    workers = pool_workers(os.getpid())
     assert len(workers) == expected, workers
     os.kill(workers[0], signal.SIGKILL)
     return workers[0]
@@ -191,6 +197,28 @@ def alive(pid: int) -> bool:
 
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+@contextlib.contextmanager
+def running_driver(*args: str):
+    """start_driver(*args) for the `with` block; still running at its end (a failed test), the
+    driver is killed with its process group."""
+    import signal
+
+    driver = start_driver(*args)
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+
+def signal_driver(driver: subprocess.Popen, sig: int, group: bool = True) -> tuple[str, str]:
+    """Send `sig` to the driver (to its process group, as a terminal's Ctrl-C, unless group=False)
+    and wait up to 180 s for it to exit: its (stdout, stderr)."""
+    (os.killpg if group else os.kill)(driver.pid, sig)
+    return driver.communicate(timeout=180)
 
 
 def start_driver(*args: str, **kwargs) -> subprocess.Popen:

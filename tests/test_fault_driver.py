@@ -22,7 +22,7 @@ def test_killed_driver_rerun_runs_only_unfinished_jobs(tmp_path):
     try:
         # as soon as one job is done (the others pending or mid-run), kill the driver
         sc.wait_for(lambda: "done" in sc.ledger_if_created(out).values(), 240, "the first finished job")
-        workers = [p for p in sc.children_of(driver.pid) if "multiprocessing.spawn" in sc.cmdline(p)]
+        workers = sc.pool_workers(driver.pid)
         os.kill(driver.pid, signal.SIGKILL)
     finally:
         driver.wait(timeout=60)

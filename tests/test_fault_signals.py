@@ -4,7 +4,6 @@ and leave a checkpoint, are recorded 'interrupted', one line is printed, the exi
 ends with the numbers of an uninterrupted run, running nothing that was done again."""
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -40,16 +39,10 @@ def test_signal_stops_at_a_step_and_the_rerun_continues(cohort, tmp_path, capsys
     manifest, reference = cohort
     out = tmp_path / "sig.zarr"
     args = ["run", str(manifest), "--out", str(out), "--device", "cpu", "--progress", "plain", *extra]
-    driver = sc.start_driver(*args)
-    try:
+    with sc.running_driver(*args) as driver:
         sc.wait_for(lambda: sc.any_log_contains(out, "start job"), 240, "a job to start")
         time.sleep(1.0)  # some steps in
-        (os.killpg if group else os.kill)(driver.pid, sig)
-        stdout, stderr = driver.communicate(timeout=180)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+        stdout, stderr = sc.signal_driver(driver, sig, group)
     assert driver.returncode == 128 + sig, (stdout, stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.count(f"{signal.Signals(sig).name}: stopping") == 1, stderr
@@ -78,17 +71,10 @@ def test_ctrl_c_while_pool_workers_start_stops_cleanly(cohort, tmp_path, capsys)
     manifest, reference = cohort
     out = tmp_path / "early.zarr"
     args = ["run", str(manifest), "--out", str(out), "--device", "cpu", "--progress", "plain"]
-    driver = sc.start_driver(*args, "--workers", "2")
-    try:
-        sc.wait_for(lambda: [p for p in sc.children_of(driver.pid) if "multiprocessing.spawn" in sc.cmdline(p)],
-                    240, "a pool worker to start")
+    with sc.running_driver(*args, "--workers", "2") as driver:
+        sc.wait_for(lambda: sc.pool_workers(driver.pid), 240, "a pool worker to start")
         time.sleep(0.3)   # it is importing: seconds before it reads its job
-        os.killpg(driver.pid, signal.SIGINT)
-        stdout, stderr = driver.communicate(timeout=180)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+        stdout, stderr = sc.signal_driver(driver, signal.SIGINT)
     assert driver.returncode == 130, (stdout, stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.count("SIGINT: stopping") == 1, stderr

@@ -232,19 +232,12 @@ def test_interrupted_pack_resumes_each_job_with_uninterrupted_numbers(tmp_path):
     assert run_cohort(alone, reference, LocalBackend(device="cpu"), progress="quiet", stream=io.StringIO(),
                       pack=4) == {"done": 2}
     out = tmp_path / "sig.zarr"
-    ids = None
-    driver = sc.start_driver("run", str(manifest), "--out", str(out), "--device", "cpu", "--pack", "4",
-                             "--progress", "plain")
-    try:
+    with sc.running_driver("run", str(manifest), "--out", str(out), "--device", "cpu", "--pack", "4",
+                           "--progress", "plain") as driver:
         ids = sc.wait_for(lambda: _ids_by_scan(out) if sc.ledger_if_created(out) else None, 120, "the store")
         sc.wait_for(lambda: "start job" in sc.log_text(out, ids["moon"][0]), 300, "the second pack to start")
         time.sleep(1.0)
-        os.killpg(driver.pid, signal.SIGINT)
-        stdout, stderr = driver.communicate(timeout=180)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+        stdout, stderr = sc.signal_driver(driver, signal.SIGINT)
     assert driver.returncode == 130, (stdout, stderr)
     before = sc.statuses(out)
     assert {before[j] for j in ids["moon"]} == {"interrupted"}, before

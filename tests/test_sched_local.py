@@ -59,10 +59,7 @@ def test_a_worker_killed_while_starting_is_replaced_and_its_job_run(cohort, tmp_
     runner = threading.Thread(target=backend.run, args=(jobs, out, Progress(), run_job))
     runner.start()
     try:
-        deadline = time.monotonic() + 60
-        while not (workers := [p for p in sc.children_of(os.getpid()) if "multiprocessing.spawn" in sc.cmdline(p)]):
-            assert time.monotonic() < deadline, "no pool worker started"
-            time.sleep(0.005)
+        workers = sc.wait_for(lambda: sc.pool_workers(os.getpid()), 60, "a pool worker to start", every=0.005)
         time.sleep(0.3)   # its job is in the pipe by now, a second before the worker's imports end
         os.kill(workers[0], signal.SIGKILL)
     finally:
